@@ -1,0 +1,65 @@
+"""Group-relative advantages (GRPO): normalise each image's reward within its prompt group.
+
+A_i = (r_i - mean_group(r)) / (std + eps), std of the group ("group") or of the whole
+gathered batch ("global", the SD3 recipes' choice), population std as in the reference,
+then clamped to +-clip. Call it on rewards gathered from every process so that a group
+spread across processes is normalised once, identically everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AdvantageStats:
+    n_groups: int
+    zero_signal_groups: int  # groups whose rewards are all equal: every advantage 0
+    reward_std: float  # mean within-group std (the spread normalisation divides by)
+    advantage_std: float
+
+    @property
+    def zero_signal_share(self) -> float:
+        return self.zero_signal_groups / max(1, self.n_groups)
+
+
+def group_ids_from_prompts(prompts: list[str]) -> torch.Tensor:
+    """One id per distinct prompt, in order of first appearance."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(p, len(ids)) for p in prompts], dtype=torch.long)
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group",
+                     eps: float = 1e-4, clip: float = 5.0) -> tuple[torch.Tensor, AdvantageStats]:
+    if std_mode not in ("group", "global"):
+        raise ValueError(f"std_mode must be 'group' or 'global', got {std_mode!r}")
+    r = rewards.double()
+    adv = torch.zeros_like(r)
+    global_std = r.std(unbiased=False) if r.numel() > 1 else r.new_tensor(0.0)
+    zero, stds = 0, []
+    groups = torch.unique(group_ids)
+    for g in groups:
+        m = group_ids == g
+        rg = r[m]
+        std = rg.std(unbiased=False) if rg.numel() > 1 else rg.new_tensor(0.0)
+        stds.append(float(std))
+        if float(rg.max() - rg.min()) == 0.0:
+            zero += 1
+            continue  # no signal: leave at exactly 0
+        denom = (std if std_mode == "group" else global_std) + eps
+        adv[m] = (rg - rg.mean()) / denom
+    adv = adv.clamp(-clip, clip).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+    stats = AdvantageStats(len(groups), zero, float(sum(stds) / max(1, len(stds))), float(adv.std(unbiased=False)))
+    return adv, stats
+
+
+def mix_advantages(parts: dict[str, tuple[torch.Tensor, float]], group_ids: torch.Tensor, **kw):
+    """Pref-GRPO's mixing: sum_k w_k * A_k, each reward normalised within groups on its own."""
+    total, stats = None, {}
+    for name, (rewards, weight) in parts.items():
+        adv, st = group_advantages(rewards, group_ids, **kw)
+        stats[name] = st
+        total = weight * adv if total is None else total + weight * adv
+    return total, stats

@@ -1,0 +1,107 @@
+"""The GRPO policy loss for one trained timestep, its KL term, timestep selection and EMA.
+
+Per timestep t of a stored trajectory (x_t -> x_{t+1}, old log-prob, advantage A):
+    ratio = exp(logp_theta - logp_old)
+    L     = mean( max(-A ratio, -A clamp(ratio, 1 - eps, 1 + eps)) ) + beta KL
+    KL    = mean_batch mean_CHW (mu_theta - mu_ref)^2 / (2 std_t^2)
+On the first inner step theta = theta_old, so ratio must be exactly 1: the trainer logs
+max|ratio - 1| to catch rollouts and updates that compute differently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossStats:
+    policy_loss: float
+    kl: float
+    clip_fraction: float
+    approx_kl: float
+    max_ratio_dev: float
+
+
+def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(1, mean.ndim))
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=dims).mean()
+
+
+def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+              kl: torch.Tensor | None = None, kl_beta: float = 0.0) -> tuple[torch.Tensor, LossStats]:
+    diff = log_prob - old_log_prob
+    ratio = torch.exp(diff)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    loss = policy_loss + (kl_beta * kl if kl is not None and kl_beta else 0.0)
+    with torch.no_grad():
+        stats = LossStats(
+            policy_loss=float(policy_loss),
+            kl=float(kl) if kl is not None else 0.0,
+            clip_fraction=float(((ratio - 1).abs() > clip_range).float().mean()),
+            approx_kl=float(0.5 * (diff**2).mean()),
+            max_ratio_dev=float((ratio - 1).abs().max()),
+        )
+    return loss, stats
+
+
+def select_timesteps(sde_steps: torch.Tensor, mode: str, fraction: float, generator: torch.Generator | None = None
+                     ) -> list[int]:
+    """Which stochastic transitions to train on.
+
+    "first": the first int(n * fraction) of them (0.99 of 10 -> 9: the last, nearly clean,
+    step is skipped, as in Flow-GRPO). "random": a random int(n * fraction) of them, drawn
+    from `generator` (Pref-GRPO trains a random 60%); seed it identically on every process.
+    """
+    steps = torch.nonzero(sde_steps).flatten().tolist()
+    n = max(1, int(len(steps) * fraction))
+    if mode == "first":
+        return steps[:n]
+    if mode == "random":
+        perm = torch.randperm(len(steps), generator=generator).tolist()
+        return sorted(steps[i] for i in perm[:n])
+    raise ValueError(f"timestep mode must be 'first' or 'random', got {mode!r}")
+
+
+class EMA:
+    """Exponential moving average of the trained parameters, updated every `every` steps."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+        self.params = list(params)
+        self.decay, self.every = decay, every
+        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if step % self.every:
+            return
+        self.num_updates += 1
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily load the EMA weights into the model (for evaluation and saving)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{i}": s for i, s in enumerate(self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int = 0) -> None:
+        for i, s in enumerate(self.shadow):
+            s.copy_(state[f"ema.{i}"])
+        self.num_updates = num_updates

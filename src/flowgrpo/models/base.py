@@ -1,0 +1,68 @@
+"""The one small protocol every model backend implements.
+
+The trainer, the sampler and the evaluators talk to a model only through this. A text
+condition is a dict of tensors whose first dimension is the batch (so it can be sliced,
+concatenated, cached to safetensors and moved between devices without knowing the model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+
+Condition = dict[str, torch.Tensor]
+
+
+def index_condition(cond: Condition, idx) -> Condition:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def cat_conditions(conds: list[Condition]) -> Condition:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def repeat_condition(cond: Condition, n: int) -> Condition:
+    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A text-to-image flow model that GRPO can sample from and train."""
+
+    transformer: torch.nn.Module  # the denoiser being trained (what accelerate prepares)
+    device: torch.device
+
+    def encode_prompts(self, prompts: list[str]) -> Condition:
+        """Text condition for each prompt (no gradient; cacheable)."""
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one initial-noise tensor (without batch)."""
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """num_steps + 1 noise levels from 1 down to 0, shifted as the model's scheduler does."""
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Condition,
+                 negative: Condition | None = None, guidance: float = 1.0) -> torch.Tensor:
+        """Predicted velocity, classifier-free guided when `negative` is given and guidance != 1."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], shape (B, 3, H, W), float32."""
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Context in which `velocity` runs the frozen reference model (for the KL term)."""
+
+    def save_trained(self, folder: str | Path) -> Path:
+        """Write the trained weights (a LoRA folder loadable by diffusers, or a full model)."""
+
+
+@contextlib.contextmanager
+def adapters_disabled(module) -> Iterator[None]:
+    """Run a peft-adapted diffusers model without its LoRA (the reference for LoRA training)."""
+    module.disable_adapters()
+    try:
+        yield
+    finally:
+        module.enable_adapters()

@@ -1,0 +1,195 @@
+"""Stable Diffusion 3 / 3.5 (and the tiny shapes model, which is an SD3) behind the Policy protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .base import Condition, adapters_disabled
+
+# Attention projections of both MMDiT streams: the Flow-GRPO reference's LoRA targets.
+SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+DEFAULTS_FILE = "flowgrpo_defaults.json"  # optional per-model defaults shipped beside model_index.json
+
+
+class ModelLoadError(RuntimeError):
+    """A model id or folder that cannot be loaded, with what to do about it."""
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 32
+    alpha: int = 64
+    init: str = "gaussian"  # peft init_lora_weights; gaussian as in the reference
+    targets: list[str] = field(default_factory=list)  # empty: the model's default targets
+    dropout: float = 0.0
+
+
+def model_defaults(model: str) -> dict:
+    p = Path(model) / DEFAULTS_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def check_model_path(model: str) -> None:
+    p = Path(model)
+    looks_local = model.startswith((".", "/", "~")) or p.exists() or model.count("/") != 1
+    if looks_local and not (p / "model_index.json").is_file():
+        if not p.exists():
+            raise ModelLoadError(f"model folder {model!r} does not exist; pass a diffusers folder or a hub id "
+                                 f"such as stabilityai/stable-diffusion-3.5-medium")
+        raise ModelLoadError(f"{model!r} is not a diffusers pipeline folder (no model_index.json)")
+
+
+def load_pipeline(pipeline_cls, model: str, dtype: torch.dtype, **kwargs):
+    check_model_path(model)
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        # Components saved as null (e.g. no T5) must be passed as None explicitly.
+        for name, spec in json.loads(index.read_text()).items():
+            if isinstance(spec, list) and spec == [None, None]:
+                kwargs.setdefault(name, None)
+    try:
+        return pipeline_cls.from_pretrained(model, torch_dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load {model!r}: {str(exc).splitlines()[0]} "
+                             f"(offline? download it first with `huggingface-cli download {model}`)") from exc
+
+
+class SD3Policy:
+    """A `StableDiffusion3Pipeline` as a GRPO policy: true CFG with negative prompt ""."""
+
+    lora_targets = SD3_LORA_TARGETS
+
+    def __init__(self, pipe, max_sequence_length: int = 256, device: str | torch.device = "cpu"):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = pipe.transformer.dtype
+        self.max_sequence_length = max_sequence_length
+        self.transformer = pipe.transformer
+        self.forward_module: torch.nn.Module = self.transformer  # the trainer may swap in a DDP wrapper
+        self._reference_module: torch.nn.Module | None = None
+        self.lora: LoraSpec | None = None
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self.transformer.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
+                        max_sequence_length: int | None = None, **kwargs) -> "SD3Policy":
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = load_pipeline(StableDiffusion3Pipeline, model, dtype, **kwargs).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        msl = max_sequence_length or model_defaults(model).get("max_sequence_length", 256)
+        return cls(pipe, msl, device)
+
+    # ---- training set-up -------------------------------------------------------------
+    def add_lora(self, spec: LoraSpec) -> None:
+        from peft import LoraConfig
+
+        self.lora = spec
+        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=spec.init,
+                         target_modules=spec.targets or self.lora_targets, lora_dropout=spec.dropout)
+        self.transformer.add_adapter(cfg)
+
+    def enable_full_finetune(self, keep_reference: bool) -> None:
+        if keep_reference:
+            self._reference_module = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        self.transformer.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    @contextlib.contextmanager
+    def reference(self):
+        if self.lora is not None:
+            with adapters_disabled(self.transformer):
+                yield
+        elif self._reference_module is not None:
+            active = self.forward_module
+            self.forward_module = self._reference_module
+            try:
+                yield
+            finally:
+                self.forward_module = active
+        else:
+            raise RuntimeError("no reference model: full fine-tuning was set up without keep_reference "
+                               "(set train.kl_beta > 0 to keep one)")
+
+    # ---- the protocol ----------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Condition:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_projections": pooled}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def default_resolution(self) -> int:
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        if height % (f * self.transformer.config.patch_size) or width % (f * self.transformer.config.patch_size):
+            raise ValueError(f"height and width must be multiples of {f * self.transformer.config.patch_size}")
+        return (self.transformer.config.in_channels, height // f, width // f)
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        sched = copy.deepcopy(self.pipe.scheduler)
+        sched.set_timesteps(num_steps, device="cpu")
+        return sched.sigmas.float()
+
+    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0) -> torch.Tensor:
+        use_cfg = negative is not None and guidance != 1.0
+        x = latents.to(self.dtype)
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        sig = sig.expand(latents.shape[0]) if sig.ndim == 0 else sig
+        emb, pooled = cond["prompt_embeds"], cond["pooled_projections"]
+        if use_cfg:
+            x = torch.cat([x, x])
+            sig = torch.cat([sig, sig])
+            emb = torch.cat([negative["prompt_embeds"], emb])
+            pooled = torch.cat([negative["pooled_projections"], pooled])
+        out = self.forward_module(hidden_states=x, encoder_hidden_states=emb.to(self.dtype),
+                                  pooled_projections=pooled.to(self.dtype),
+                                  timestep=(sig * 1000).to(self.dtype), return_dict=False)[0]
+        if use_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance * (text - uncond)
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    # ---- saving ----------------------------------------------------------------------
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer)
+
+    def save_trained(self, folder: str | Path) -> Path:
+        from diffusers import StableDiffusion3Pipeline
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=self.lora_state_dict())
+        else:
+            self.transformer.save_pretrained(folder / "transformer")
+        return folder
