@@ -26,25 +26,39 @@ class LossStats:
 
 
 def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL between the Gaussian steps of the policy and the reference (same std):
+    mean over C, H, W of (mu - mu_ref)^2 / (2 std^2). Average it over the batch."""
     dims = tuple(range(1, mean.ndim))
-    return ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=dims).mean()
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=dims)
+
+
+def _mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return x.mean()
+    return (x * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
-              kl: torch.Tensor | None = None, kl_beta: float = 0.0) -> tuple[torch.Tensor, LossStats]:
+              kl: torch.Tensor | None = None, kl_beta: float = 0.0, weights: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, LossStats]:
+    """`kl` is per sample (kl_to_reference); `weights` (0/1 per sample) masks padding
+    samples that only keep distributed processes in step."""
     diff = log_prob - old_log_prob
     ratio = torch.exp(diff)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = torch.maximum(unclipped, clipped).mean()
-    loss = policy_loss + (kl_beta * kl if kl is not None and kl_beta else 0.0)
+    policy_loss = _mean(torch.maximum(unclipped, clipped), weights)
+    kl_mean = _mean(kl, weights) if kl is not None else None
+    loss = policy_loss + (kl_beta * kl_mean if kl_mean is not None and kl_beta else 0.0)
     with torch.no_grad():
+        real = weights > 0 if weights is not None else torch.ones_like(ratio, dtype=torch.bool)
+        dev = (ratio - 1).abs()[real]
         stats = LossStats(
             policy_loss=float(policy_loss),
-            kl=float(kl) if kl is not None else 0.0,
-            clip_fraction=float(((ratio - 1).abs() > clip_range).float().mean()),
-            approx_kl=float(0.5 * (diff**2).mean()),
-            max_ratio_dev=float((ratio - 1).abs().max()),
+            kl=float(kl_mean) if kl_mean is not None else 0.0,
+            clip_fraction=float((dev > clip_range).float().mean()) if dev.numel() else 0.0,
+            approx_kl=float(0.5 * (diff[real] ** 2).mean()) if dev.numel() else 0.0,
+            max_ratio_dev=float(dev.max()) if dev.numel() else 0.0,
         )
     return loss, stats
 

@@ -54,6 +54,9 @@ class Policy(Protocol):
     def reference(self) -> contextlib.AbstractContextManager:
         """Context in which `velocity` runs the frozen reference model (for the KL term)."""
 
+    def load_lora(self, folder: str | Path, scale: float = 1.0) -> None:
+        """Apply a saved LoRA folder for sampling (evaluation of a trained run)."""
+
     def save_trained(self, folder: str | Path) -> Path:
         """Write the trained weights (a LoRA folder loadable by diffusers, or a full model)."""
 

@@ -177,6 +177,14 @@ class SD3Policy:
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
+    def load_lora(self, folder: str | Path, scale: float = 1.0) -> None:
+        """Apply a saved LoRA (ours or any diffusers-format SD3 LoRA) for sampling."""
+        folder = Path(folder)
+        if not folder.exists():
+            raise ModelLoadError(f"LoRA folder {str(folder)!r} does not exist")
+        self.pipe.load_lora_weights(str(folder), adapter_name="loaded")
+        self.pipe.set_adapters(["loaded"], [scale])
+
     # ---- saving ----------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict

@@ -34,23 +34,37 @@ def sde_mask(num_steps: int, window: tuple[int, int] | None) -> torch.Tensor:
     return mask
 
 
-def initial_noise(shape: tuple[int, ...], batch: int, generator: torch.Generator,
+def randn_like_batch(shape: tuple[int, ...], batch: int, generator) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU from one generator, or one generator per image
+    (then each image's noise is independent of the batch it is sampled in)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+        return torch.stack([torch.randn(shape, generator=g) for g in generator])
+    return torch.randn((batch, *shape), generator=generator)
+
+
+def initial_noise(shape: tuple[int, ...], batch: int, generator,
                   group_size: int = 1, same_per_group: bool = False) -> torch.Tensor:
     """Initial latents, drawn on the CPU so a seed gives the same images on any device."""
     if same_per_group:
         if batch % group_size:
             raise ValueError(f"batch {batch} is not a multiple of the group size {group_size}")
-        base = torch.randn((batch // group_size, *shape), generator=generator)
-        return base.repeat_interleave(group_size, dim=0)
-    return torch.randn((batch, *shape), generator=generator)
+        gens = generator[::group_size] if isinstance(generator, (list, tuple)) else generator
+        return randn_like_batch(shape, batch // group_size, gens).repeat_interleave(group_size, dim=0)
+    return randn_like_batch(shape, batch, generator)
 
 
 @torch.no_grad()
 def rollout(policy, cond: Condition, negative: Condition | None, *, num_steps: int, guidance: float,
-            noise_level: float, kind: str, height: int, width: int, generator: torch.Generator,
+            noise_level: float, kind: str, height: int, width: int, generator,
             window: tuple[int, int] | None = None, init_latents: torch.Tensor | None = None,
             decode: bool = True) -> Trajectory:
-    """Sample a batch. Steps inside `window` (all when None) use `kind`, the rest the ODE."""
+    """Sample a batch. Steps inside `window` (all when None) use `kind`, the rest the ODE.
+
+    `generator` is one torch.Generator or a list with one per image (the trainer's choice, so
+    that an image's noise depends only on its seed, not on which process or batch drew it).
+    """
     batch = next(iter(cond.values())).shape[0]
     device = policy.device
     sigmas = policy.sigmas(num_steps, height, width)
@@ -64,7 +78,7 @@ def rollout(policy, cond: Condition, negative: Condition | None, *, num_steps: i
     for i in range(num_steps):
         v = policy.velocity(x, sigmas[i], cond, neg, guidance)
         step_kind = kind if mask[i] else "ode"
-        noise = torch.randn(x.shape, generator=generator).to(device) if step_kind != "ode" else None
+        noise = randn_like_batch(x.shape[1:], batch, generator).to(device) if step_kind != "ode" else None
         out = sde_step(v, x, sigmas[i], sigmas[i + 1], noise, noise_level, step_kind)
         x = out.prev_sample
         states.append(x)

@@ -114,3 +114,26 @@ def build_transformer(arch: ShapesArchitecture) -> SD3Transformer2DModel:
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
     # shift 1: at 32x32 there is little redundancy to push noise levels up for (SD3 uses 3).
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def build_pipeline(arch: ShapesArchitecture, tokenizer_dir: str | Path, seed: int = 0):
+    """An untrained shapes pipeline (tests build tiny ones; pretraining fills the weights)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    tok = write_word_tokenizer(tokenizer_dir, arch.max_text_tokens)
+    torch.manual_seed(seed)
+    return StableDiffusion3Pipeline(
+        transformer=build_transformer(arch), scheduler=build_scheduler(), vae=build_vae(arch),
+        text_encoder=build_text_encoder(arch, tok, seed + 1), tokenizer=tok,
+        text_encoder_2=build_text_encoder(arch, tok, seed + 2), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def save_pipeline(pipe, folder: str | Path, defaults: dict | None = None) -> Path:
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    (folder / "flowgrpo_defaults.json").write_text(json.dumps(
+        defaults or {"max_sequence_length": SHAPES_T5_TOKENS, "resolution": pipe.vae.config.sample_size,
+                     "guidance": 4.5}))
+    return folder

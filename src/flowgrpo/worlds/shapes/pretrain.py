@@ -233,6 +233,9 @@ def export_pipeline(cfg, out: Path, transformer, encoders, tokenizers, vae) -> P
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
+    # flowgrpo reads these; plain diffusers users pass max_sequence_length themselves
+    (tmp / "flowgrpo_defaults.json").write_text(json.dumps(
+        {"max_sequence_length": SHAPES_T5_TOKENS, "resolution": cfg.arch.image_size, "guidance": cfg.eval_guidance}))
     _atomic_dir_swap(tmp, out)
     return out
 

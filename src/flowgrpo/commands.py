@@ -1,0 +1,111 @@
+"""Top-level commands: train, pretrain, sample, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .train_config import TrainConfig, validate
+    from .trainer import train
+
+    cfg = validate(load_config(TrainConfig, args.config, args.overrides))
+    summary = train(cfg, resume=(args.resume if args.resume != "latest" else True) if args.resume else None)
+    if summary.get("before") and summary.get("after"):
+        from .eval.shapes import format_table, paired_difference_ci
+
+        print(format_table({"before": summary["before"], "after": summary["after"]}))
+        tags = [r for r in summary["after"].get("tags", [])]
+        if tags:
+            d, lo, hi = paired_difference_ci(summary["before"]["strict"], summary["after"]["strict"], tags)
+            print(f"overall change {d:+.3f} (95% CI {lo:+.3f} .. {hi:+.3f})")
+    return 0
+
+
+def _pretrain(args) -> int:
+    from .config import load_config
+    from .worlds.shapes.pretrain import PretrainConfig, pretrain
+
+    pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    return 0
+
+
+def _sample(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .data import load_prompts
+    from .eval.shapes import sample_images
+    from .models import load_policy
+    from .models.sd3 import model_defaults
+    from .runlog import image_grid
+
+    if args.prompts:
+        prompts = [it["prompt"] for it in load_prompts(args.prompts)]
+    elif args.prompt:
+        prompts = list(args.prompt)
+    else:
+        raise FileNotFoundError("give --prompt TEXT (repeatable) or --prompts FILE")
+    policy = load_policy(args.model)
+    if args.lora:
+        policy.load_lora(args.lora)
+    defaults = model_defaults(args.model)
+    size = args.size or defaults.get("resolution") or policy.default_resolution()
+    guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 4.5)
+    expanded = [p for p in prompts for _ in range(args.n)]
+    seeds = [args.seed * 1_000_003 + i for i in range(len(expanded))]
+    images = sample_images(policy, expanded, seeds, steps=args.steps, guidance=guidance, resolution=size,
+                           batch_size=args.batch_size, progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(out / f"{i // args.n:04d}_{i % args.n}.png")
+    scale = max(1, 128 // size)
+    image_grid(images, args.n, prompts, scale=scale).save(out / "grid.png")
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(args.config, args.overrides, args.iterations)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="GRPO training from a config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from the latest checkpoint in run.output_dir, or from a checkpoint folder")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("pretrain", help="pretrain the shapes base model")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("sample", help="sample images from a model (and LoRA)")
+    p.add_argument("--model", default="assets/shapes-sd3", help="hub id or diffusers folder")
+    p.add_argument("--lora", default=None, help="LoRA folder (diffusers format)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="prompt file: txt, jsonl or csv")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--size", type=int, default=None, help="height = width in pixels")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="runs/samples")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("bench", help="time sampling, reward and update per iteration")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--iterations", type=int, default=3)
+    p.set_defaults(func=_bench)

@@ -1,0 +1,460 @@
+"""The GRPO trainer: sample -> reward -> advantages -> update, top to bottom.
+
+One iteration:
+  1. draw `prompts_per_step` prompts (the same on every process), repeat each K times and
+     give every process its contiguous slice (so a group may span processes);
+  2. roll out with the SDE (or only inside a Fast window), keeping latents and log-probs;
+  3. score with the configured rewards; gather scores from all processes;
+  4. group-normalise into advantages on the gathered vector (identical everywhere);
+  5. recompute log-probs of the stored transitions and take clipped policy-gradient steps.
+Randomness is derived from (seed, iteration, image index), never from a running generator,
+so a resumed run draws exactly what an uninterrupted one would. The trainer knows no
+model or reward by name: both come from the config through registries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .algorithms import EMA, group_advantages, grpo_loss, kl_to_reference, mix_advantages, select_timesteps
+from .data import load_prompts
+from .models import index_condition, load_policy
+from .models.sd3 import LoraSpec
+from .rewards import as_uint8_images, make_reward
+from .sampling import initial_noise, rollout, sde_step
+from .train_config import TrainConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def derived_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integers (seed, iteration, index, ...)."""
+    h = 0
+    for k in keys:
+        h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+@dataclass
+class Batch:
+    """One process's share of an iteration's rollouts."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    global_index: torch.Tensor  # position of each image in the iteration's global batch
+    group_ids: torch.Tensor  # prompt group of each image (global numbering)
+    cond: dict
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    images: np.ndarray
+    sigmas: torch.Tensor
+    sde_steps: torch.Tensor
+    rewards: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.acc = accelerator or Accelerator()
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        s = cfg.sample
+        self.global_batch = s.group_size * s.prompts_per_step
+        if self.global_batch % self.world:
+            raise ValueError(f"group_size * prompts_per_step = {self.global_batch} must divide evenly over "
+                             f"{self.world} processes")
+        m = cfg.model
+        self.policy = load_policy(m.path, m.backend, DTYPES[m.dtype], self.acc.device,
+                                  max_sequence_length=m.max_sequence_length)
+        if m.lora.enabled:
+            torch.manual_seed(cfg.run.seed)  # LoRA A is drawn at random: make it a function of the seed
+            self.policy.add_lora(LoraSpec(m.lora.rank, m.lora.alpha, m.lora.init, list(m.lora.targets)))
+        else:
+            self.policy.enable_full_finetune(keep_reference=cfg.optim.kl_beta > 0)
+        if m.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
+        # Trained weights are kept in float32 even when the model runs in half precision.
+        for p in self.policy.trainable_parameters():
+            p.data = p.data.float()
+        self.named_params = {n: p for n, p in self.policy.transformer.named_parameters() if p.requires_grad}
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(list(self.named_params.values()), lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay)
+        wrapped, self.optimizer = self.acc.prepare(self.policy.transformer, self.optimizer)
+        self.policy.forward_module = wrapped
+        self.ema = EMA(list(self.named_params.values()), o.ema_decay, o.ema_every) if o.ema_decay > 0 else None
+        self.rewards = {name: make_reward(name, **dict(cfg.reward.args.get(name, {})))
+                        for name in cfg.reward.weights}
+        self.train_items = load_prompts(cfg.data.train, list(cfg.data.train_tags))
+        self.test_items = load_prompts(cfg.data.test, list(cfg.data.test_tags)) if cfg.data.test else []
+        self.resolution = s.resolution or self.policy.default_resolution()
+        self.negative = self.policy.encode_prompts([""]) if s.guidance != 1.0 else None
+        self._cond_cache: dict[str, dict] = {}
+        self.step = 0
+
+    # ---- 1-2: prompts and rollouts ------------------------------------------------------
+    def draw_prompts(self, iteration: int) -> list[dict]:
+        g = derived_generator(self.cfg.run.seed, iteration, 1)
+        idx = torch.randint(len(self.train_items), (self.cfg.sample.prompts_per_step,), generator=g)
+        return [self.train_items[i] for i in idx.tolist()]
+
+    def draw_window(self, iteration: int) -> tuple[int, int] | None:
+        s = self.cfg.sample
+        if not s.window_size:
+            return None
+        lo, hi = s.window_start_range
+        start = int(torch.randint(lo, hi + 1, (1,), generator=derived_generator(self.cfg.run.seed, iteration, 2)))
+        return start, s.window_size
+
+    def encode(self, prompts: list[str]) -> dict:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if missing:
+            enc = self.policy.encode_prompts(missing)
+            for i, p in enumerate(missing):
+                self._cond_cache[p] = {k: v[i] for k, v in enc.items()}
+        return {k: torch.stack([self._cond_cache[p][k] for p in prompts]) for k in self._cond_cache[prompts[0]]}
+
+    def sample(self, iteration: int) -> Batch:
+        s, seed = self.cfg.sample, self.cfg.run.seed
+        items = self.draw_prompts(iteration)
+        per_proc = self.global_batch // self.world
+        lo = self.rank * per_proc
+        gidx = torch.arange(lo, lo + per_proc)
+        group_ids = gidx // s.group_size
+        prompts = [items[g]["prompt"] for g in group_ids.tolist()]
+        metadata = [items[g]["metadata"] for g in group_ids.tolist()]
+        window = self.draw_window(iteration)
+        shape = self.policy.latent_shape(self.resolution, self.resolution)
+        lat, lps, imgs = [], [], []
+        cond = self.encode(prompts)
+        for start in range(0, per_proc, s.batch_size):
+            sl = slice(start, min(per_proc, start + s.batch_size))
+            ids = gidx[sl].tolist()
+            # initial noise per image (or per group) and step noise per image, from their seeds
+            init_gens = [derived_generator(seed, iteration, 3, (i // s.group_size if s.same_noise_per_group else i))
+                         for i in ids]
+            init = initial_noise(shape, len(ids), init_gens)
+            traj = rollout(self.policy, index_condition(cond, sl), self.negative, num_steps=s.num_steps,
+                           guidance=s.guidance, noise_level=s.noise_level, kind=s.kind, height=self.resolution,
+                           width=self.resolution, generator=[derived_generator(seed, iteration, 4, i) for i in ids],
+                           window=window, init_latents=init)
+            lat.append(traj.latents)
+            lps.append(traj.log_probs)
+            imgs.append(as_uint8_images(traj.images))
+        return Batch(prompts, metadata, gidx, group_ids, cond, torch.cat(lat), torch.cat(lps), np.concatenate(imgs),
+                     traj.sigmas, traj.sde_steps)
+
+    # ---- 3-4: rewards and advantages ----------------------------------------------------
+    def score(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Rewards for this process's images -> advantages for them, plus metrics."""
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        stats: dict[str, float] = {}
+        global_rewards: dict[str, torch.Tensor] = {}
+        all_ids = self.acc.gather(batch.group_ids.to(self.acc.device)).cpu()
+        for name, reward in self.rewards.items():
+            if reward.needs_groups and self.world > 1:
+                # whole groups must be judged together: gather everything, score on the main process
+                imgs = gather_object([batch.images])
+                prompts, meta = gather_object([batch.prompts]), gather_object([batch.metadata])
+                payload = [None]
+                if self.acc.is_main_process:
+                    out = reward(np.concatenate(imgs), sum(prompts, []), sum(meta, []), all_ids.numpy())
+                    payload = [out]
+                out = broadcast_object_list(payload)[0]
+                scores = torch.as_tensor(out.scores, dtype=torch.float64)
+            else:
+                out = reward(batch.images, batch.prompts, batch.metadata, batch.group_ids.numpy())
+                scores = self.acc.gather(torch.as_tensor(out.scores, dtype=torch.float64, device=self.acc.device)).cpu()
+                for comp, vals in out.components.items():
+                    v = self.acc.gather(torch.as_tensor(vals, dtype=torch.float64, device=self.acc.device))
+                    stats[f"reward/{name}/{comp}"] = float(v.mean())
+            for k, v in out.info.items():
+                stats[f"reward/{name}/{k}"] = float(v)
+            global_rewards[name] = scores
+            stats[f"reward/{name}/mean"] = float(scores.mean())
+            stats[f"reward/{name}/std"] = float(scores.std(unbiased=False))
+        o, w = self.cfg.optim, self.cfg.reward.weights
+        kw = dict(std_mode=o.adv_std, eps=o.adv_eps, clip=o.adv_clip)
+        total = sum(w[n] * r for n, r in global_rewards.items())
+        stats["reward/mean"], stats["reward/std"] = float(total.mean()), float(total.std(unbiased=False))
+        if self.cfg.reward.mix == "advantage":
+            adv, per = mix_advantages({n: (r, w[n]) for n, r in global_rewards.items()}, all_ids, **kw)
+            zero = float(np.mean([s.zero_signal_share for s in per.values()]))
+            # a group carries no signal only if every component is flat in it
+            flat = torch.stack([adv[all_ids == g].abs().max() == 0 for g in torch.unique(all_ids)])
+            stats["adv/zero_signal_share"] = float(flat.float().mean())
+            stats["adv/component_zero_share"] = zero
+        else:
+            adv, st = group_advantages(total, all_ids, **kw)
+            stats["adv/zero_signal_share"] = st.zero_signal_share
+            stats["reward/group_std"] = st.reward_std
+        stats["adv/std"] = float(adv.std(unbiased=False))
+        stats["adv/abs_mean"] = float(adv.abs().mean())
+        if stats["reward/std"] > 0:
+            # Pref-GRPO's "illusory advantage": how much normalisation amplifies reward gaps
+            stats["adv/amplification"] = stats["adv/std"] / max(stats.get("reward/group_std", stats["reward/std"]), 1e-12)
+        per_proc = self.global_batch // self.world
+        mine = adv[self.rank * per_proc:(self.rank + 1) * per_proc]
+        if self.cfg.run.dump_advantages:
+            import json
+
+            path = Path(self.cfg.run.output_dir) / f"advantages-rank{self.rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({"iteration": self.step, "global_index": batch.global_index.tolist(),
+                                    "group_ids": batch.group_ids.tolist(), "advantages": mine.tolist(),
+                                    "rewards": {n: r.tolist() for n, r in global_rewards.items()}}) + "\n")
+        return mine.float(), stats
+
+    # ---- 5: the update --------------------------------------------------------------------
+    def update(self, batch: Batch, advantages: torch.Tensor, iteration: int) -> dict:
+        s, o = self.cfg.sample, self.cfg.optim
+        keep = torch.ones(len(advantages), dtype=torch.bool)
+        if o.drop_zero_signal:
+            for g in torch.unique(batch.group_ids):
+                m = batch.group_ids == g
+                # decided on the gathered advantages: a group is flat on every process or on none
+                if advantages[m].abs().max() == 0:
+                    keep[m] = False
+        kept = torch.nonzero(keep).flatten()
+        counts = self.acc.gather(torch.tensor([len(kept)], device=self.acc.device)).cpu()
+        n_mb = max(1, math.ceil(int(counts.max()) / o.train_batch_size))
+        # Every process runs the same number of backward passes (DDP), padding with weight 0.
+        order = kept.tolist() + [0] * (n_mb * o.train_batch_size - len(kept))
+        weights = torch.tensor([1.0] * len(kept) + [0.0] * (len(order) - len(kept)))
+        steps = select_timesteps(batch.sde_steps, o.timestep_mode, o.timestep_fraction,
+                                 derived_generator(self.cfg.run.seed, iteration, 5))
+        chunks = np.array_split(np.arange(n_mb), min(o.optimizer_steps, n_mb))
+        agg: dict[str, list[float]] = {"policy_loss": [], "kl": [], "clip_fraction": [], "approx_kl": []}
+        first_dev = 0.0
+        model = self.policy.forward_module
+        model.train()
+        for epoch in range(o.inner_epochs):
+            for ci, chunk in enumerate(chunks):
+                for j, mb in enumerate(chunk):
+                    idx = torch.tensor(order[mb * o.train_batch_size:(mb + 1) * o.train_batch_size])
+                    w = weights[mb * o.train_batch_size:(mb + 1) * o.train_batch_size]
+                    last = j == len(chunk) - 1
+                    for k, t in enumerate(steps):
+                        sync = last and k == len(steps) - 1
+                        with (self.acc.no_sync(model) if not sync else _null()):
+                            loss, st = self._loss_at(batch, idx, w, t, advantages[idx])
+                            self.acc.backward(loss / (len(steps) * len(chunk)))
+                        if epoch == 0 and ci == 0:
+                            first_dev = max(first_dev, st.max_ratio_dev)
+                        for key in agg:
+                            agg[key].append(getattr(st, key))
+                if o.max_grad_norm > 0:
+                    self.acc.clip_grad_norm_(list(self.named_params.values()), o.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        if self.ema is not None:
+            self.ema.update(iteration + 1)
+        out = {f"train/{k}": float(np.mean(v)) for k, v in agg.items() if v}
+        out["train/max_ratio_dev_first"] = first_dev
+        out["train/kept_share"] = float(counts.sum()) / self.global_batch
+        out["train/timesteps"] = len(steps)
+        return out
+
+    def _loss_at(self, batch: Batch, idx, weights, t: int, adv):
+        s, o = self.cfg.sample, self.cfg.optim
+        x, x_next = batch.latents[idx, t], batch.latents[idx, t + 1]
+        cond = index_condition(batch.cond, idx)
+        neg = None
+        if self.negative is not None:
+            neg = {k: v.expand(len(idx), *v.shape[1:]) for k, v in self.negative.items()}
+        v = self.policy.velocity(x, batch.sigmas[t], cond, neg, s.guidance)
+        out = sde_step(v, x, batch.sigmas[t], batch.sigmas[t + 1], noise_level=s.noise_level, kind=s.kind,
+                       prev_sample=x_next)
+        kl = None
+        if o.kl_beta > 0:
+            with torch.no_grad(), self.policy.reference():
+                v_ref = self.policy.velocity(x, batch.sigmas[t], cond, neg, s.guidance)
+            ref = sde_step(v_ref, x, batch.sigmas[t], batch.sigmas[t + 1], noise_level=s.noise_level,
+                           kind=s.kind, prev_sample=x_next)
+            kl = kl_to_reference(out.mean, ref.mean, out.std)
+        return grpo_loss(out.log_prob, batch.log_probs[idx, t], adv.to(out.log_prob.device), o.clip_range,
+                         kl, o.kl_beta, weights.to(out.log_prob.device))
+
+    # ---- adversarial rewards ---------------------------------------------------------------
+    def update_discriminators(self, batch: Batch) -> dict:
+        """Train rewards that learn (Adv-GRPO): every process gets all images, so the
+        discriminators stay identical without syncing their weights."""
+        from accelerate.utils import gather_object
+
+        stats = {}
+        adversarial = {n: r for n, r in self.rewards.items() if r.kind == "adversarial"}
+        if not adversarial:
+            return stats
+        imgs = np.concatenate(gather_object([batch.images])) if self.world > 1 else batch.images
+        prompts = sum(gather_object([batch.prompts]), []) if self.world > 1 else batch.prompts
+        meta = sum(gather_object([batch.metadata]), []) if self.world > 1 else batch.metadata
+        for name, reward in adversarial.items():
+            for k, v in reward.update(imgs, prompts, meta).items():
+                stats[f"disc/{name}/{k}"] = float(v)
+        return stats
+
+    def phase(self, iteration: int) -> tuple[bool, bool]:
+        """(update generator, update discriminators) for this iteration."""
+        r = self.cfg.reward
+        has_adv = any(rw.kind == "adversarial" for rw in self.rewards.values())
+        if not has_adv:
+            return True, False
+        if r.d_period <= 0:
+            return True, True
+        d_phase = iteration % r.d_period < r.d_steps
+        return (not d_phase), d_phase
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def evaluate(trainer: Trainer, tag: str) -> dict:
+    """Held-out evaluation on the main process (EMA weights when EMA is on)."""
+    from .eval.shapes import evaluate_policy
+
+    cfg = trainer.cfg
+    items = trainer.test_items
+    if not items or not all("include" in it["metadata"] and "tag" in it["metadata"] for it in items):
+        return {}
+    ctx = trainer.ema.swapped_in() if trainer.ema is not None else _null()
+    with ctx:
+        table, images, recs = evaluate_policy(
+            trainer.policy, [it["metadata"] for it in items], images_per_prompt=cfg.run.eval_images_per_prompt,
+            steps=cfg.run.eval_steps, guidance=cfg.run.eval_guidance or cfg.sample.guidance,
+            resolution=trainer.resolution, seed=cfg.run.seed + 777, batch_size=cfg.run.eval_batch_size)
+    from .runlog import image_grid
+
+    out = Path(cfg.run.output_dir) / "grids"
+    out.mkdir(parents=True, exist_ok=True)
+    per = cfg.run.eval_images_per_prompt
+    pick = np.concatenate([images[i * per:(i + 1) * per] for i in range(0, len(items), max(1, len(items) // 12))][:12])
+    image_grid(pick, per, [items[i]["prompt"] for i in range(0, len(items), max(1, len(items) // 12))][:12],
+               scale=3).save(out / f"eval-{tag}.png")
+    return table
+
+
+def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: int | None = None) -> dict:
+    """Run GRPO. `resume`: True = latest checkpoint in output_dir, or a checkpoint path."""
+    import json
+
+    from tqdm import tqdm
+
+    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .config import save_config, to_dict
+    from .runlog import MetricsLogger, image_grid, plot_run, read_metrics
+
+    t_start = time.time()
+    trainer = Trainer(cfg)
+    acc, run = trainer.acc, cfg.run
+    out_dir = Path(run.output_dir)
+    start, summary = 0, {}
+    if resume:
+        ckpt = latest_checkpoint(out_dir) if resume is True else Path(resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+        state = load_checkpoint(ckpt, named_params=trainer.named_params, optimizer=trainer.optimizer,
+                                ema=trainer.ema, rewards=trainer.rewards)
+        start, summary = state["step"], state.get("summary", {})
+        trainer.step = start
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    logger = MetricsLogger(out_dir, run.tensorboard, run.wandb, to_dict(cfg), resume=bool(resume)) \
+        if acc.is_main_process else None
+    if start == 0 and run.eval_before and acc.is_main_process:
+        summary["before"] = evaluate(trainer, "before")
+        if summary["before"]:
+            logger.log(0, {"eval/overall": summary["before"]["overall"],
+                           **{f"eval/{k}": v for k, v in summary["before"]["per_tag"].items()}})
+    acc.wait_for_everyone()
+    end = cfg.optim.steps if max_iterations is None else min(cfg.optim.steps, start + max_iterations)
+    bar = tqdm(range(start, end), initial=start, total=cfg.optim.steps, disable=not acc.is_main_process,
+               desc="GRPO", dynamic_ncols=True)
+    for it in bar:
+        do_gen, do_disc = trainer.phase(it)
+        batch, t_sample = timed(trainer.sample, it)
+        (adv, stats), t_reward = timed(trainer.score, batch)
+        t_update = 0.0
+        if do_gen:
+            upd, t_update = timed(trainer.update, batch, adv, it)
+            stats.update(upd)
+        if do_disc:
+            stats.update(trainer.update_discriminators(batch))
+        stats.update({"time/sample": t_sample, "time/reward": t_reward, "time/update": t_update,
+                      "lr": trainer.optimizer.param_groups[0]["lr"]})
+        trainer.step = it + 1
+        if acc.is_main_process:
+            if run.grid_every and (it + 1) % run.grid_every == 0 or it == start:
+                g = image_grid(batch.images[: 4 * cfg.sample.group_size], cfg.sample.group_size, scale=3)
+                (out_dir / "grids").mkdir(exist_ok=True)
+                g.save(out_dir / "grids" / f"train-{it + 1:05d}.png")
+            if run.eval_every and (it + 1) % run.eval_every == 0 and it + 1 < cfg.optim.steps:
+                table = evaluate(trainer, f"{it + 1:05d}")
+                if table:
+                    stats["eval/overall"] = table["overall"]
+                    stats.update({f"eval/{k}": v for k, v in table["per_tag"].items()})
+            logger.log(it + 1, stats)
+            post = {"reward": f"{stats['reward/mean']:.3f}"}
+            strict_key = next((k for k in stats if k.endswith("/strict")), None)
+            if strict_key:
+                post["acc"] = f"{stats[strict_key]:.2f}"
+            bar.set_postfix(post)
+        if run.save_every and (it + 1) % run.save_every == 0 and it + 1 < end:
+            _save(trainer, it + 1, summary)
+    acc.wait_for_everyone()
+    if trainer.step >= cfg.optim.steps and acc.is_main_process:
+        table = evaluate(trainer, "after")
+        if table:
+            summary["after"] = table
+            logger.log(trainer.step, {"eval/overall": table["overall"],
+                                      **{f"eval/{k}": v for k, v in table["per_tag"].items()}})
+    if acc.is_main_process:
+        ckpt = _save(trainer, trainer.step, summary)
+        ctx = trainer.ema.swapped_in() if trainer.ema is not None else _null()
+        with ctx:
+            final = trainer.policy.save_trained(out_dir / "lora" if trainer.policy.lora else out_dir / "model")
+        plot_run(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plot.png")
+        summary.update({"wall_seconds": time.time() - t_start, "lora": str(final), "checkpoint": str(ckpt),
+                        "iterations": trainer.step})
+        slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("strict", "tags")} if isinstance(v, dict) else v)
+                for k, v in summary.items()}
+        (out_dir / "summary.json").write_text(json.dumps(slim, indent=2))
+        logger.close()
+    acc.wait_for_everyone()
+    return summary
+
+
+def _save(trainer: Trainer, step: int, summary: dict):
+    from .checkpoint import save_checkpoint
+
+    if not trainer.acc.is_main_process:
+        return None
+    return save_checkpoint(trainer.cfg.run.output_dir, step, policy=trainer.policy,
+                           named_params=trainer.named_params, optimizer=trainer.optimizer, ema=trainer.ema,
+                           rewards=trainer.rewards,
+                           state={"summary": summary, "ema_updates": trainer.ema.num_updates if trainer.ema else 0},
+                           keep_last=trainer.cfg.run.keep_last)

@@ -1,0 +1,123 @@
+import json
+
+import numpy as np
+import pytest
+
+from flowgrpo.worlds.shapes.grammar import (HELD_OUT_BINDINGS, TAGS, GrammarError, all_records, bindings,
+                                            parse_prompt, split_records, validate_record)
+from flowgrpo.worlds.shapes.render import render, render_layout, sample_layout
+from flowgrpo.worlds.shapes.verify import Detection, detect, relative_position, score
+
+GENEVAL_PHRASES = {
+    "a photo of a circle": "single_object",
+    "a photo of a red circle": "colors",
+    "a photo of three green triangles": None,  # counting prompts are uncoloured in GenEval
+    "a photo of three triangles": "counting",
+    "a photo of a circle and a square": "two_object",
+    "a photo of a red circle and a blue square": "color_attr",
+    "a photo of a square left of a circle": "position",
+}
+
+
+def test_geneval_phrasing_and_schema():
+    for prompt, tag in GENEVAL_PHRASES.items():
+        if tag is None:
+            with pytest.raises(GrammarError):
+                parse_prompt(prompt)
+            continue
+        rec = parse_prompt(prompt)
+        assert rec["tag"] == tag and rec["prompt"] == prompt
+    pos = parse_prompt("a photo of a square left of a circle")
+    # GenEval: the reference object first, the positioned one points at it by index
+    assert pos["include"] == [{"class": "circle", "count": 1},
+                              {"class": "square", "count": 1, "position": ["left of", 0]}]
+    cnt = parse_prompt("a photo of four squares")
+    assert cnt["include"] == [{"class": "square", "count": 4}] and cnt["exclude"] == [{"class": "square", "count": 5}]
+
+
+def test_every_record_round_trips_and_all_tags_present():
+    recs = all_records()
+    assert {r["tag"] for r in recs} == set(TAGS)
+    for r in recs:
+        assert parse_prompt(r["prompt"]) == r
+        json.dumps(r)
+
+
+def test_split_is_deterministic_and_holds_out_bindings():
+    a, b = split_records(), split_records()
+    assert a == b
+    train_prompts = {r["prompt"] for r in a["train"]}
+    test_prompts = {r["prompt"] for r in a["test"]}
+    assert {r["tag"] for r in a["test"]} == set(TAGS)
+    # no training prompt binds a held-out colour to its object
+    assert not any(bindings(r) & set(HELD_OUT_BINDINGS) for r in a["train"])
+    assert any(bindings(r) & set(HELD_OUT_BINDINGS) for r in a["test"])
+    # only single_object (3 prompts) is shared between the splits
+    assert {parse_prompt(p)["tag"] for p in train_prompts & test_prompts} == {"single_object"}
+
+
+def test_outside_grammar_errors_name_the_problem():
+    for bad in ["a photo of a dog", "an image of a circle", "a photo of five circles", "a photo of a purple square"]:
+        with pytest.raises(GrammarError, match="outside the shapes grammar|not in|counting"):
+            parse_prompt(bad)
+    with pytest.raises(GrammarError, match="class 'dog'"):
+        validate_record({"include": [{"class": "dog", "count": 1}]})
+
+
+def test_verifier_accepts_renderer_output():
+    rng = np.random.default_rng(0)
+    recs = all_records() * 8
+    ok = [score(render(r, rng), r).strict for r in recs]
+    assert np.mean(ok) >= 0.99
+
+
+def _truth(objects, record) -> float:
+    """Score a record against the renderer's own objects (ground truth, no detection)."""
+    dets = [Detection(c, col, box, (box[2] - box[0]) ** 2, 1.0) for c, col, box in objects]
+    return score(np.zeros((32, 32, 3), np.uint8), record, detections=dets).strict
+
+
+def test_verifier_rejects_mismatched_metadata():
+    rng = np.random.default_rng(1)
+    recs = all_records()
+    false_accept, wrong_pairs, raw_accept, pairs = 0, 0, 0, 0
+    for i in range(1500):
+        src = recs[i % len(recs)]
+        other = recs[int(rng.integers(len(recs)))]
+        if other["prompt"] == src["prompt"]:
+            continue
+        objs = sample_layout(src, rng)
+        img = render_layout(objs)
+        accepted = score(img, other).strict
+        pairs += 1
+        raw_accept += accepted
+        if not _truth(objs, other):  # the scene really does not satisfy the other prompt
+            wrong_pairs += 1
+            false_accept += accepted
+    # GenEval semantics make some mismatched pairs true (an image of "a red circle"
+    # satisfies "a photo of a circle"); the verifier must reject the ones that are false.
+    assert false_accept / wrong_pairs <= 0.02
+    assert raw_accept / pairs < 0.15
+
+
+def test_relations_follow_geneval():
+    assert relative_position((0, 10, 8, 18), (20, 10, 28, 18)) == {"left of"}
+    assert relative_position((10, 0, 18, 8), (10, 20, 18, 28)) == {"above"}
+    assert relative_position((10, 10, 18, 18), (11, 10, 19, 18)) == set()
+
+
+def test_detection_finds_classes_and_colours():
+    rec = parse_prompt("a photo of a red circle and a blue square")
+    img = render(rec, 3)
+    found = {(d.cls, d.color) for d in detect(img)}
+    assert found == {("circle", "red"), ("square", "blue")}
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    assert detect(blank) == []
+    assert score(blank, rec).strict == 0.0 and score(blank, rec).partial == 0.0
+
+
+def test_partial_credit_counts_clauses():
+    rec = parse_prompt("a photo of a red circle and a blue square")
+    only_circle = render(parse_prompt("a photo of a red circle"), 5)
+    v = score(only_circle, rec)
+    assert v.strict == 0.0 and 0.0 < v.partial < 1.0

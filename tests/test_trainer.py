@@ -1,0 +1,130 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowgrpo.config import ConfigError, load_config
+from flowgrpo.runlog import read_metrics
+from flowgrpo.train_config import TrainConfig, validate
+from flowgrpo.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(model: Path, out: Path, steps: int = 2) -> list[str]:
+    return [f"model.path={model}", "model.lora.rank=4", "model.lora.alpha=8", "sample.num_steps=4",
+            "sample.group_size=4", "sample.prompts_per_step=2", "sample.batch_size=8", "sample.guidance=2.0",
+            "optim.train_batch_size=8", f"optim.steps={steps}", "optim.lr=0.01", "optim.clip_range=0.2",
+            "optim.kl_beta=0.04", "run.eval_before=false", "run.tensorboard=false", "data.test=",
+            f"run.output_dir={out}", "reward.weights={jpeg_compressibility: 1.0, shapes_partial: 0.5}"]
+
+
+def make_cfg(model, out, steps=2, extra=()):
+    return validate(load_config(TrainConfig, None, tiny_overrides(model, out, steps) + list(extra)))
+
+
+def test_two_iterations_ratio_one_kl_zero_and_lora_changes(tiny_shapes_model, tmp_path):
+    summary = train(make_cfg(tiny_shapes_model, tmp_path))
+    rows = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "train/policy_loss" in m]
+    assert len(rows) == 2
+    for m in rows:
+        assert np.isfinite(m["train/policy_loss"])
+        assert m["train/max_ratio_dev_first"] < 1e-5  # recomputed log-probs equal the rollout's
+        # both components of the weighted mix are logged
+        assert "reward/jpeg_compressibility/mean" in m and "reward/shapes_partial/mean" in m
+    assert rows[0]["train/kl"] == 0.0  # LoRA B = 0: the policy is the reference before any update
+    assert rows[1]["train/kl"] > 0.0
+    lora = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())
+    assert Path(summary["lora"]).is_dir() and (tmp_path / "plot.png").is_file()
+
+
+def test_saved_lora_loads_in_diffusers_and_changes_output(tiny_shapes_model, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    train(make_cfg(tiny_shapes_model, tmp_path))
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_shapes_model, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a photo of a circle", num_inference_steps=3, guidance_scale=2.0, max_sequence_length=1,
+                    height=16, width=16, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    before = run()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    assert not np.allclose(before, run())
+
+
+def test_resume_equals_no_resume(tiny_shapes_model, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(make_cfg(tiny_shapes_model, straight, steps=4, extra=["optim.ema_decay=0.5", "optim.ema_every=1"]))
+    cfg = make_cfg(tiny_shapes_model, split, steps=4, extra=["optim.ema_decay=0.5", "optim.ema_every=1",
+                                                             "run.save_every=2"])
+    train(cfg, max_iterations=2)
+    assert (split / "checkpoints" / "ckpt-000002" / "state.json").is_file()
+    train(cfg, resume=True)
+    a = load_file(straight / "checkpoints" / "ckpt-000004" / "trainable.safetensors")
+    b = load_file(split / "checkpoints" / "ckpt-000004" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ea = load_file(straight / "checkpoints" / "ckpt-000004" / "ema.safetensors")
+    eb = load_file(split / "checkpoints" / "ckpt-000004" / "ema.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(TrainConfig, None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="optim.steps"):
+        load_config(TrainConfig, None, ["optim.steps=many"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sample:\n  group_sise: 4\n")
+    with pytest.raises(ConfigError, match="group_sise"):
+        load_config(TrainConfig, bad)
+    with pytest.raises(ConfigError, match="group_size"):
+        validate(load_config(TrainConfig, None, ["sample.group_size=1"]))
+    for cfg in sorted((ROOT / "configs").glob("*.yaml")):
+        if cfg.name.startswith("pretrain"):
+            continue
+        validate(load_config(TrainConfig, cfg))
+
+
+def _dumped(out: Path) -> dict[int, float]:
+    adv = {}
+    for f in out.glob("advantages-rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            for i, a in zip(row["global_index"], row["advantages"]):
+                adv[(row["iteration"], i)] = a
+    return adv
+
+
+def test_two_processes_match_one(tiny_shapes_model, tmp_path):
+    """A group spans both processes; gathered advantages equal a single process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = tiny_overrides(tiny_shapes_model, one, 1) + ["run.dump_advantages=true", "sample.prompts_per_step=1",
+                                                          "sample.group_size=6", "reward.weights={jpeg_compressibility: 1.0}"]
+    cfg = validate(load_config(TrainConfig, None, common))
+    train(cfg)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    from flowgrpo.config import save_config
+
+    save_config(cfg, tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "127.0.0.1:0", "-m", "flowgrpo", "train", str(tmp_path / "cfg.yaml"),
+           f"run.output_dir={two}"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = sorted(p.name for p in two.glob("advantages-rank*.jsonl"))
+    assert ranks == ["advantages-rank0.jsonl", "advantages-rank1.jsonl"]
+    a, b = _dumped(one), _dumped(two)
+    assert a.keys() == b.keys() and len(a) == 6
+    for k in a:
+        assert abs(a[k] - b[k]) < 1e-6, (k, a[k], b[k])
