@@ -183,29 +183,56 @@ def test_ocr_run_is_scored_with_the_ocr_reward(tmp_path):
         load_benchmark("ocr", prompts=bad)
 
 
-def test_geneval_run_uses_the_strict_component_per_tag(tmp_path):
-    from flowgrpo.rewards.base import Reward, RewardOutput, register
+def test_geneval_run_scored_through_a_reward_server(tmp_path):
+    """GenEval's path end to end: the `geneval` client reward against a real loopback reward
+    server running the shapes world's GenEval scorer. Rendered scenes pass, blank ones fail."""
+    from servers import serve_app
 
-    @register("test_geneval_stub")
-    class _Stub(Reward):  # strict = 1 for tag "colors", partial credit elsewhere
-        def __call__(self, images, prompts, metadata=None, group_ids=None):
-            strict = np.array([float(m["tag"] == "colors") for m in metadata])
-            return RewardOutput(0.5 + 0.5 * strict, {"strict": strict}, {"detector_calls": float(len(strict))})
+    from flowgrpo.rewards import make_reward
+    from flowgrpo.rewards.server import create_app
+    from flowgrpo.worlds.shapes.grammar import split_records
+    from flowgrpo.worlds.shapes.render import render
 
-    recs = [{"tag": t, "include": [{"class": "dog", "count": 1}], "prompt": f"a photo of a dog {i}"}
-            for i, t in enumerate(["colors", "colors", "counting", "position"])]
+    by_tag: dict[str, list[dict]] = {}
+    for r in split_records()["test"]:
+        by_tag.setdefault(r["tag"], []).append(r)
+    recs = [by_tag["colors"][0], by_tag["colors"][1], by_tag["counting"][0], by_tag["position"][0]]
     path = tmp_path / "geneval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     bench = load_benchmark("geneval", prompts=path)
-    _fake_run(tmp_path / "run", bench, [np.zeros((8, 8, 3), np.uint8)] * 4)
-    with pytest.raises(EvalError, match="GenEval scoring needs its detector"):
-        score(tmp_path / "run", "auto", progress=False)
-    s = score(tmp_path / "run", "auto", reward="test_geneval_stub", progress=False)
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    _fake_run(tmp_path / "run", bench, [render(recs[0], 0), render(recs[1], 1), blank, render(recs[3], 3)])
+    with serve_app(create_app(make_reward("geneval_shapes"))) as url:
+        s = score(tmp_path / "run", "auto", reward_kwargs={"url": url}, progress=False)
+    assert s["metric"] == "geneval" and s["value"] == "strict"
     assert s["per_tag"] == {"colors": {"mean": 1.0, "n": 2}, "counting": {"mean": 0.0, "n": 1},
-                            "position": {"mean": 0.0, "n": 1}}
-    assert s["overall"] == pytest.approx(1 / 3)  # mean of tags, not of images (0.5)
-    assert s["reward_info"] == {"detector_calls": 4.0}
+                            "position": {"mean": 1.0, "n": 1}}
+    assert s["overall"] == pytest.approx(2 / 3)  # mean of the tag means, not of the images (0.75)
+    assert s["extra_means"]["partial"] < 1.0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a dog", "tag": "colors"}\n')
     with pytest.raises(EvalError, match="needs an \"include\" list"):
         load_benchmark("geneval", prompts=bad)
+
+
+def test_cli_generate_score_report_and_one_line_errors(tiny_model, tmp_path, capsys):
+    from flowgrpo.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--benchmark", "shapes", "--model", tiny_model, "--images-per-prompt", "1", "--steps", "2",
+              "--limit", "2", "--device", "cpu", "--quiet"]
+    assert main(["eval", "generate", *common, "--out", str(a)]) == 0
+    assert main(["eval", "generate", *common, "--out", str(b), "--seed", "3", "--shard", "0/1"]) == 0
+    assert main(["eval", "score", str(a), "--quiet"]) == 0 and main(["eval", "score", str(b), "--quiet"]) == 0
+    assert "| **Overall (mean of tags)** |" in capsys.readouterr().out
+    assert main(["eval", "report", str(a), str(b), "--out", str(tmp_path / "rep"), "--names", "base,new"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "|  | base | new |" in md and "different seeds" in md
+    capsys.readouterr()
+    assert main(["eval", "generate", *common, "--out", str(a), "--steps", "5"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and err[0].startswith("flowgrpo eval: error:") and "steps: 2 there, 5 now" in err[0]
+    assert main(["eval", "score", str(tmp_path / "missing")]) == 2
+    assert "not a generation run" in capsys.readouterr().err
+    assert main(["eval", "score", str(a), "--metric", "unigenbench"]) == 2
+    assert "needs a judge" in capsys.readouterr().err

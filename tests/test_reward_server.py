@@ -4,13 +4,14 @@ serve-reward` process killed mid-request)."""
 
 import base64
 import io
-import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import zlib
 
 import httpx
 import numpy as np
@@ -89,6 +90,13 @@ def test_multipart_upload(open_server):
     np.testing.assert_allclose(resp.json()["scores"], MeanPixel()(images, ["a", "b"]).scores)
 
 
+def _png_header_only(side: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 def _post(url, content=None, **kw):
     return httpx.post(url + "/score", content=content, **kw)
 
@@ -99,6 +107,8 @@ def _post(url, content=None, **kw):
     ("bad_base64", 400, "images[1] is not valid base64"),
     ("not_an_image", 400, "images[0] is not a PNG, JPEG or WebP image"),
     ("oversized_image", 413, "larger than the server's max image side 64"),
+    ("bomb_header", 413, "more pixels than Pillow will decode"),
+    ("truncated_image", 400, "images[0] is a corrupt or truncated image"),
     ("batch_too_large", 413, "exceeds the server's max batch 4"),
     ("body_too_large", 413, "exceeds the server's limit"),
     ("length_mismatch", 422, "2 images but 1 prompts"),
@@ -120,6 +130,10 @@ def test_malformed_requests_get_clear_4xx(open_server, case, status, message):
         resp = httpx.post(open_server + "/score", json=good)
     elif case == "oversized_image":
         resp = httpx.post(open_server + "/score", json=_body(_images(1, size=65)))
+    elif case in ("bomb_header", "truncated_image"):
+        side = 100_000 if case == "bomb_header" else 8  # a PNG header with no pixel data after it
+        good["images"][0] = base64.b64encode(_png_header_only(side)).decode()
+        resp = httpx.post(open_server + "/score", json=good)
     elif case == "batch_too_large":
         resp = httpx.post(open_server + "/score", json=_body(_images(5)))
     elif case == "body_too_large":

@@ -56,10 +56,8 @@ class _FakeBackend:
 
 
 def test_no_target_and_backend_failure_are_counted_not_raised():
-    reward = OcrReward.__new__(OcrReward)
-    reward.backend = _FakeBackend(["Helo", RuntimeError("engine crashed")])
-    reward.no_target_score = -1.0
-    reward.name = "ocr_fake"
+    reward = OcrReward(_FakeBackend(["Helo", RuntimeError("engine crashed")]), no_target_score=-1.0)
+    assert reward.name == "ocr_fake"
     images = np.zeros((4, 8, 8, 3), np.uint8)
     out = reward(images, ['say "hello"', "no quotes", 'say ""', 'say "hello"'])
     np.testing.assert_allclose(out.scores, [0.8, -1.0, -1.0, 0.0])

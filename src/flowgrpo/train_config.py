@@ -27,7 +27,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16; log-prob math is always float32
     max_sequence_length: Optional[int] = None  # T5 tokens; None = the model folder's default (256 for SD3.5)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapter settings (below)
     embedding_cache: Optional[str] = None  # folder written by `flowgrpo preprocess`: no text encoders needed
 
 
@@ -36,7 +36,7 @@ class DataConfig:
     train: str = "shapes:train"  # prompt file (txt/jsonl/csv) or shapes:train
     test: Optional[str] = "shapes:test"  # held-out prompts for evaluation (empty: no evaluation)
     train_tags: list[str] = field(default_factory=list)  # keep only these GenEval tags (empty: all)
-    test_tags: list[str] = field(default_factory=list)
+    test_tags: list[str] = field(default_factory=list)  # evaluate only these tags (empty: all)
 
 
 @dataclass
@@ -62,21 +62,21 @@ class RewardConfig:
     # Adversarial rewards: update the discriminator on `d_steps` of every `d_period` iterations
     # and the generator on the others (Adv-GRPO: 9 of 10); d_period 0 = update both every step.
     d_steps: int = 1
-    d_period: int = 0
+    d_period: int = 0  # see d_steps
 
 
 @dataclass
 class OptimConfig:
     steps: int = 100  # GRPO iterations (sample -> reward -> update)
     lr: float = 3e-4  # AdamW, Flow-GRPO LoRA
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas of the reference
+    weight_decay: float = 1e-4  # the reference value; small, LoRA weights start at 0 anyway
+    max_grad_norm: float = 1.0  # clip the gradient norm: a few huge advantages must not blow up a step
     clip_range: float = 1e-4  # epsilon of the clipped ratio (1e-5 for Fast)
     kl_beta: float = 0.0  # KL to the reference (0.04 GenEval/OCR, 0.01 PickScore, 0 FLUX/Fast)
     adv_std: str = "group"  # group | global (the SD3 recipes normalise by the batch std)
-    adv_eps: float = 1e-4
-    adv_clip: float = 5.0
+    adv_eps: float = 1e-4  # added to the std so near-flat groups do not explode
+    adv_clip: float = 5.0  # clamp advantages to +-adv_clip (reference: 5)
     drop_zero_signal: bool = True  # skip groups whose rewards are all equal (no gradient, saves time)
     timestep_mode: str = "first"  # first: the first fraction of SDE steps; random: a random subset
     timestep_fraction: float = 0.99  # 0.99 of 10 steps -> 9 (the last, nearly clean, step is skipped)
@@ -84,24 +84,24 @@ class OptimConfig:
     train_batch_size: int = 32  # samples per forward/backward per process
     optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split into this many chunks)
     ema_decay: float = 0.0  # EMA of trained weights for eval and saving (0.9 every 8 in SD3.5 recipes; 0 = off)
-    ema_every: int = 8
+    ema_every: int = 8  # iterations between EMA updates
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/train"
-    seed: int = 0
+    output_dir: str = "runs/train"  # metrics, grids, checkpoints, the final LoRA and summary.json go here
+    seed: int = 0  # every random draw (prompts, noise, windows, LoRA init) derives from it
     eval_every: int = 0  # iterations between held-out evaluations (0 = only before and after)
     eval_before: bool = True  # evaluate the base model first (the "before" column)
-    eval_images_per_prompt: int = 8
+    eval_images_per_prompt: int = 8  # 52 shapes test prompts x 8 = 416 images per evaluation
     eval_steps: int = 20  # ODE steps at evaluation (SD3.5: 40)
     eval_guidance: Optional[float] = None  # None: same as sample.guidance
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # images per forward pass at evaluation
     save_every: int = 0  # iterations between checkpoints (0 = only at the end)
     keep_last: int = 2  # checkpoints kept
     grid_every: int = 0  # iterations between sample grids (0 = first and last only)
     tensorboard: bool = True  # when tensorboard is installed
-    wandb: bool = False
+    wandb: bool = False  # log to Weights & Biases too (pip install flowgrpo[wandb])
     threads: int = 0  # torch CPU threads (0 = torch default)
     dump_advantages: bool = False  # write each process's rewards/advantages per iteration (debugging, tests)
 

@@ -68,7 +68,9 @@ def _score(args) -> int:
     from .score import score
 
     try:
+        kwargs = {"url": args.reward_url} if args.reward_url else None
         result = score(args.run_dir, args.metric, reward=args.reward, out_dir=args.out, judge=_judge_config(args),
+                       reward_kwargs=kwargs,
                        batch_size=args.batch_size, parse_retries=args.parse_retries,
                        retry_failures=args.retry_failures, image_format=args.image_format, progress=not args.quiet)
     except EvalError as exc:
@@ -128,7 +130,9 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     s.add_argument("--metric", default="auto",
                    help="auto (from the run's benchmark), unigenbench, geneval, ocr, shapes, or a reward name")
     s.add_argument("--reward", default=None, help="reward to use instead of the metric's default "
-                                                  "(GenEval: remote:http://HOST:PORT)")
+                                                  "(any registered name, or remote:http://HOST:PORT)")
+    s.add_argument("--reward-url", default=None, help="server of a client reward, e.g. the GenEval scorer "
+                                                      "(geneval: default http://127.0.0.1:18085)")
     s.add_argument("--out", default=None, help="default: RUN_DIR/scores/<metric>")
     s.add_argument("--batch-size", type=int, default=16, help="images per reward call")
     j = s.add_argument_group("UniGenBench judge (an OpenAI-compatible server)")

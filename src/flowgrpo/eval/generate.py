@@ -173,7 +173,16 @@ def generate(benchmark: str | Benchmark, model: str, lora: str | None = None, ou
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    policy = load_policy(model, dtype=DTYPES[dtype], device=dev)
+    from diffusers.utils import logging as dlog
+
+    bars_were_on = not dlog.are_progress_bars_disabled()
+    if not progress:
+        dlog.disable_progress_bar()
+    try:
+        policy = load_policy(model, dtype=DTYPES[dtype], device=dev)
+    finally:
+        if bars_were_on:
+            dlog.enable_progress_bar()
     if lora:
         policy.load_lora(lora, scale=lora_scale)
     d = _sampling_defaults(policy, model)

@@ -2,10 +2,11 @@
 
 Metrics and what they report (means over images; `overall` is the headline number):
 - unigenbench: see eval/unigenbench.py (percent; pooled primaries, their unweighted mean).
-- geneval:     a GenEval reward (`--reward remote:URL` for a reward server running the
-               detector, or an installed reward name). Per image the strict 0/1 correctness
-               (component "strict" when the reward has it, else its score); per tag the mean;
-               overall = mean of the tag means (GenEval's convention).
+- geneval:     the `geneval` client reward talking to a GenEval scorer behind
+               `flowgrpo serve-reward` (`--reward-url http://HOST:PORT`; default
+               127.0.0.1:18085), or any reward named with --reward. Per image the strict 0/1
+               correctness (component "strict" when the reward has it, else its score); per
+               tag the mean; overall = mean of the tag means (GenEval's convention).
 - shapes:      the shapes verifier (`shapes_strict`): the same table as GenEval.
 - ocr:         the OCR reward: mean of 1 - d / len(target); also the exact-match rate.
 - any other registered pointwise reward (or remote:URL): mean and std of its score, and
@@ -76,10 +77,9 @@ def _make(reward_name: str, metric: str, kwargs: dict | None):
     try:
         rew = make_reward(reward_name, **(kwargs or {}))
     except RewardError as exc:
-        if metric == "geneval" and not reward_name.startswith("remote:"):
-            raise EvalError(f"GenEval scoring needs its detector: pass --reward remote:http://HOST:PORT (a "
-                            f"`flowgrpo serve-reward` running the GenEval reward) or an installed GenEval reward "
-                            f"name ({exc})") from None
+        if metric == "geneval":
+            raise EvalError(f"GenEval scoring needs a GenEval scorer behind `flowgrpo serve-reward` (see "
+                            f"docs/evaluation.md); give its address with --reward-url http://HOST:PORT ({exc})") from None
         raise
     if getattr(rew, "needs_groups", False) or getattr(rew, "kind", "pointwise") == "pairwise":
         raise EvalError(f"reward {reward_name!r} compares images within a group; benchmark scores need a "

@@ -69,7 +69,7 @@ class ClipEncoder:
         self.device, self.dtype, self.batch_size = _device(device), _dtype(dtype), int(batch_size)
         try:
             self.processor = CLIPProcessor.from_pretrained(processor or model)
-            self.model = CLIPModel.from_pretrained(model, dtype=self.dtype).eval().to(self.device)
+            self.model = CLIPModel.from_pretrained(model).eval().to(self.device, self.dtype)
         except (OSError, ValueError) as exc:
             raise RewardError(f"cannot load CLIP model {model!r} (processor {processor or model!r}): {exc}. "
                               "Pass a local folder, or download it first with `hf download ID`.") from None

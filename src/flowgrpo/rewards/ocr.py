@@ -195,10 +195,11 @@ class OcrReward(Reward):
 
     kind = "pointwise"
 
-    def __init__(self, backend: str = "rapidocr", no_target_score: float = 0.0, **backend_kwargs):
-        self.backend = make_backend(backend, **backend_kwargs)
+    def __init__(self, backend="rapidocr", no_target_score: float = 0.0, **backend_kwargs):
+        # A backend is a name from BACKENDS or any callable: uint8 HxWx3 RGB image -> text.
+        self.backend = make_backend(backend, **backend_kwargs) if isinstance(backend, str) else backend
         self.no_target_score = float(no_target_score)
-        self.name = f"ocr_{backend}"
+        self.name = f"ocr_{getattr(self.backend, 'name', 'custom')}"
         self.recognised: list[str] = []
 
     def __call__(self, images, prompts, metadata=None, group_ids=None) -> RewardOutput:

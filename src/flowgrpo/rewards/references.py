@@ -264,9 +264,10 @@ class _PipelineSource:
                  size: int | None, extra: dict):
         import inspect
 
-        from diffusers import DiffusionPipeline
+        from ..models.sd3 import check_model_path, load_pipeline, model_defaults
 
-        from ..models.sd3 import load_pipeline, model_defaults
+        check_model_path(model)  # before importing diffusers: a typo should fail fast
+        from diffusers import DiffusionPipeline
 
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))

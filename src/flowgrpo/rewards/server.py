@@ -62,6 +62,8 @@ def decode_image(data: bytes, index: int, max_side: int) -> np.ndarray:
 
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise RequestProblem(413, f"images[{index}] declares more pixels than Pillow will decode") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise RequestProblem(400, f"images[{index}] is not a PNG, JPEG or WebP image") from None
     w, h = img.size

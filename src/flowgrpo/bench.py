@@ -1,0 +1,65 @@
+"""`flowgrpo bench CONFIG`: where an iteration's time goes (sampling, reward, update), model
+evaluations (NFE) per trained sample, and peak memory. A benchmark, not a test: it prints
+figures; docs/performance.md records them."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+import torch
+
+
+def nfe_per_sample(cfg) -> dict[str, float]:
+    """Transformer evaluations per image in one iteration (a CFG step counts 2)."""
+    s, o = cfg.sample, cfg.optim
+    cfg_mult = 2 if s.guidance != 1.0 else 1
+    sde_steps = s.window_size or s.num_steps
+    from .algorithms import select_timesteps
+
+    trained = len(select_timesteps(torch.ones(sde_steps, dtype=torch.bool), o.timestep_mode, o.timestep_fraction,
+                                   torch.Generator().manual_seed(0)))
+    sampling = s.num_steps * cfg_mult
+    # training forward passes re-run the trained steps; a KL term adds a reference pass each
+    training = trained * cfg_mult * o.inner_epochs * (2 if o.kl_beta > 0 else 1)
+    return {"sampling": sampling, "training": training, "total": sampling + training, "trained_steps": trained}
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def run_bench(config: str, overrides: list[str], iterations: int = 3) -> dict:
+    from .config import load_config
+    from .train_config import TrainConfig, validate
+    from .trainer import Trainer
+
+    cfg = validate(load_config(TrainConfig, config, list(overrides) + ["run.tensorboard=false"]))
+    trainer = Trainer(cfg)
+    rows = []
+    for it in range(iterations + 1):  # the first iteration warms up caches and is not counted
+        t0 = time.perf_counter()
+        batch = trainer.sample(it)
+        t1 = time.perf_counter()
+        adv, _ = trainer.score(batch)
+        t2 = time.perf_counter()
+        trainer.update(batch, adv, it)
+        t3 = time.perf_counter()
+        if it:
+            rows.append((t1 - t0, t2 - t1, t3 - t2))
+    samp, rew, upd = (float(np.mean(c)) for c in zip(*rows))
+    images = cfg.sample.group_size * cfg.sample.prompts_per_step // trainer.world
+    nfe = nfe_per_sample(cfg)
+    result = {"config": config, "images_per_iteration": images, "sample_s": samp, "reward_s": rew, "update_s": upd,
+              "iteration_s": samp + rew + upd, "nfe_per_sample": nfe, "peak_memory_mb": peak_memory_mb(),
+              "threads": torch.get_num_threads()}
+    if trainer.acc.is_main_process:
+        print(f"{config}: {images} images/iteration, {torch.get_num_threads()} threads")
+        print(f"  sampling {samp:7.2f} s   reward {rew:6.2f} s   update {upd:7.2f} s   total {samp + rew + upd:7.2f} s")
+        print(f"  NFE per trained sample: sampling {nfe['sampling']}, training {nfe['training']} "
+              f"({nfe['trained_steps']} trained steps), total {nfe['total']}")
+        print(f"  peak memory {result['peak_memory_mb']:.0f} MB")
+    return result
