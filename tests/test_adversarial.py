@@ -169,6 +169,12 @@ def test_resume_onto_another_backbone_is_refused(dino_dir):
     other = make_reward("adversarial", backbone="shapes", references="shapes", seed=5)
     with pytest.raises(RewardError, match="another backbone"):
         other.load_state_dict(shapes.state_dict())
+    # The same weights in bfloat16 (as on a GPU) are the same backbone.
+    from flowgrpo.rewards.adversarial import shapes_backbone
+
+    half = shapes_backbone(0)
+    half.model.to(torch.bfloat16)
+    make_reward("adversarial", backbone=half, references="shapes").load_state_dict(shapes.state_dict())
     dino = make_reward("adversarial", backbone=str(dino_dir), references="shapes", device="cpu")
     state = {k: v for k, v in shapes.state_dict().items() if k != "backbone.fingerprint"}
     with pytest.raises(RewardError, match="does not fit"):

@@ -4,8 +4,8 @@ aggregation against published numbers, the judge against a real loopback server,
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -22,7 +22,7 @@ from servers import serve_app
 from flowgrpo.chat import ChatConfig
 from flowgrpo.eval.benchmarks import (PRIMARY_DIMENSIONS, SUBDIMENSIONS, Benchmark, EvalError, load_benchmark,
                                       load_unigenbench_csv, primary_of, subdimension_map)
-from flowgrpo.eval.generate import GenerateSettings, write_manifest
+from flowgrpo.eval.generate import adopt, load_manifest
 from flowgrpo.eval.unigenbench import (VERDICTS, JudgeRequest, UniGenBenchJudge, VerdictError, aggregate,
                                        parse_scores, score_run)
 
@@ -229,13 +229,16 @@ def test_judge_good_malformed_wrong_length_timeout(tmp_path):
 
 # ---- a scoring run and its resume -------------------------------------------------------------------
 def _fake_run(run: Path, items) -> None:
+    """Images made elsewhere, adopted as a run (what scoring the published FLUX images needs)."""
     run.mkdir(parents=True, exist_ok=True)
     bench = Benchmark("unigenbench", "test", items, 4)
-    settings = GenerateSettings("unigenbench", "test", "none", None, 1.0, 2, 1, 1.0, 0, 16, 16, "fp32")
+    with pytest.raises(EvalError, match="holds none of the expected images"):
+        adopt(bench, run)
     for it in items:
         for j in range(2):
             _png(run / f"{it.key}_{j}.png", (10 * j, 100, 50))
-    write_manifest(run, settings, bench)
+    adopt(bench, run, images_per_prompt=2, label="fake")
+    assert load_manifest(run)["settings"]["model"] == "external:fake"
 
 
 @needs_data
@@ -260,7 +263,8 @@ def test_scoring_run_writes_outputs_and_resumes(tmp_path, items):
     out = run / "scores" / "unigenbench"
     assert first["judged_images"] == 2 and first["failed_images"] == 2
     assert {f["image"] for f in first["failures"]} == {f"{subset[1].key}_0.png", f"{subset[1].key}_1.png"}
-    assert len([ln for ln in (out / VERDICTS).read_text().splitlines() if ln.strip()]) == 4 + 1 + 2  # one line per verdict
+    verdict_lines = [ln for ln in (out / VERDICTS).read_text().splitlines() if ln.strip()]
+    assert len(verdict_lines) == 4 + 1 + 2  # one line per verdict, appended
     md = (out / "scores.md").read_text()
     assert "**2 failed**" in md and "| Style |" in md
     primary_csv = (out / "primary.csv").read_text().splitlines()

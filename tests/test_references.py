@@ -91,20 +91,17 @@ def test_shapes_references_satisfy_their_prompts():
         refs.sample(["a photo of a dog"], [None], gen)
 
 
-def test_read_prompts_formats(tmp_path):
+def test_read_prompts_dedups_and_explains(tmp_path):
     (tmp_path / "p.txt").write_text("a\n\nb\na\n")
     assert read_prompts(tmp_path / "p.txt") == [("a", None), ("b", None)]
     rec = {"prompt": "x", "tag": "t", "include": []}
     (tmp_path / "p.jsonl").write_text(json.dumps(rec) + "\n")
     assert read_prompts(tmp_path / "p.jsonl") == [("x", rec)]
-    (tmp_path / "p.csv").write_text("index,prompt_en\n0,hello\n1,world\n")
-    assert [p for p, _ in read_prompts(tmp_path / "p.csv")] == ["hello", "world"]
+    shapes = read_prompts("shapes:train")
+    assert len(shapes) == len(split_records()["train"]) and "include" in shapes[0][1]
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(RewardError, match="bad.jsonl:1"):
         read_prompts(tmp_path / "bad.jsonl")
-    (tmp_path / "p.yaml").write_text("- a\n")
-    with pytest.raises(RewardError, match="unknown prompt file type"):
-        read_prompts(tmp_path / "p.yaml")
 
 
 def _make(argv):
@@ -165,23 +162,22 @@ def test_make_references_reports_bad_input_in_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """A randomly initialised text-to-image diffusers pipeline (a tiny SD3) saved to disk."""
-    from diffusers import StableDiffusion3Pipeline
-
-    from flowgrpo.worlds.shapes.model import (ShapesArchitecture, build_scheduler, build_text_encoder,
-                                              build_transformer, build_vae, write_word_tokenizer)
+    from flowgrpo.worlds.shapes.model import ShapesArchitecture, build_pipeline, save_pipeline
 
     folder = tmp_path_factory.mktemp("tiny-sd3")
     arch = ShapesArchitecture(vae_channels=8, num_layers=1, num_heads=2, head_dim=8, text_hidden=16,
                               text_layers=1, text_projection=8)
-    tok = write_word_tokenizer(folder / "word-tokenizer", arch.max_text_tokens)
-    torch.manual_seed(0)
-    pipe = StableDiffusion3Pipeline(
-        transformer=build_transformer(arch), scheduler=build_scheduler(), vae=build_vae(arch),
-        text_encoder=build_text_encoder(arch, tok, 1), tokenizer=tok,
-        text_encoder_2=build_text_encoder(arch, tok, 2), tokenizer_2=tok,
-        text_encoder_3=None, tokenizer_3=None)
-    pipe.save_pretrained(folder / "pipe")
-    return folder / "pipe"
+    return save_pipeline(build_pipeline(arch, folder / "word-tokenizer"), folder / "pipe")
+
+
+def test_model_defaults_become_call_arguments():
+    from flowgrpo.rewards.references import _PipelineSource
+
+    accepted = {"max_sequence_length", "num_inference_steps", "guidance_scale", "height", "width"}
+    defaults = {"max_sequence_length": 1, "resolution": 32, "guidance": 4.5, "eval_guidance": 3.0, "eval_steps": 20}
+    assert _PipelineSource._model_defaults(defaults, accepted) == {
+        "max_sequence_length": 1, "num_inference_steps": 20, "guidance_scale": 3.0, "height": 32, "width": 32}
+    assert _PipelineSource._model_defaults(defaults, {"height"}) == {"height": 32}
 
 
 def test_make_references_from_a_diffusers_pipeline(tiny_pipeline, tmp_path, capsys):

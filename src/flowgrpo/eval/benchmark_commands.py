@@ -1,6 +1,7 @@
-"""`flowgrpo eval generate | score | report`: benchmark runs from the command line.
+"""`flowgrpo eval generate | adopt | score | report`: benchmark runs from the command line.
 
     flowgrpo eval generate --benchmark unigenbench --model black-forest-labs/FLUX.1-dev --out runs/flux
+    flowgrpo eval adopt --benchmark unigenbench --images downloaded/flux_images   # images made elsewhere
     flowgrpo eval score runs/flux --judge-url http://127.0.0.1:8080/v1 --judge-model QwenVL
     flowgrpo eval report runs/flux runs/flux-prefgrpo --out reports/flux
 
@@ -45,6 +46,19 @@ def _generate(args) -> int:
     except EvalError as exc:
         raise _user_error(exc) from None
     print(f"wrote {path}")
+    return 0
+
+
+def _adopt(args) -> int:
+    from .benchmarks import EvalError
+    from .generate import adopt, load_manifest
+
+    try:
+        path = adopt(args.benchmark, args.images, args.images_per_prompt, args.label, args.data_dir, args.prompts)
+    except EvalError as exc:
+        raise _user_error(exc) from None
+    man = load_manifest(args.images)
+    print(f"wrote {path}: {man['images_done']} of {man['images_total']} expected images present")
     return 0
 
 
@@ -112,7 +126,7 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompts", default=None, help="the named benchmark's file, if not under --data-dir")
     g.add_argument("--data-dir", default=None, help="folder holding unigenbench/, flow_grpo/ (default $FLOWGRPO_DATA)")
     g.add_argument("--images-per-prompt", type=int, default=None, help="default: the benchmark's (UniGenBench 4)")
-    g.add_argument("--steps", type=int, default=None, help="default: the model's eval steps (SD3 40, FLUX 28)")
+    g.add_argument("--steps", type=int, default=None, help="default: the model's eval steps (SD3 40, FLUX 30)")
     g.add_argument("--guidance", type=float, default=None, help="default: the model's (SD3 4.5, FLUX 3.5)")
     g.add_argument("--resolution", type=int, default=None, help="square side in pixels; default: the model's")
     g.add_argument("--seed", type=int, default=0, help="base seed; image seeds derive from it, the item and j")
@@ -124,6 +138,15 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default=None)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
+
+    a = esub.add_parser("adopt", help="make a folder of {key}_{j}.png images made elsewhere scoreable")
+    a.add_argument("--benchmark", required=True, help="the benchmark the images answer (as for generate)")
+    a.add_argument("--images", required=True, help="the image folder (the manifest is written into it)")
+    a.add_argument("--images-per-prompt", type=int, default=None)
+    a.add_argument("--label", default="external", help="name of the model that made them")
+    a.add_argument("--prompts", default=None)
+    a.add_argument("--data-dir", default=None)
+    a.set_defaults(func=_adopt)
 
     s = esub.add_parser("score", help="score a generated run (UniGenBench judge, GenEval, OCR, shapes, a reward)")
     s.add_argument("run_dir")

@@ -62,16 +62,18 @@ def image_name(key: str, j: int) -> str:
 
 def _sampling_defaults(policy, model: str) -> dict:
     """Steps, guidance and resolution when not given: the model folder's flowgrpo_defaults.json
-    (keys eval_steps, eval_guidance, resolution), else the published eval settings of its family."""
+    (keys eval_steps, eval_guidance or guidance, resolution), else the published eval settings
+    of its family."""
     from ..models.sd3 import model_defaults
 
     flux = "flux" in type(policy).__name__.lower()
-    out = {"steps": 28 if flux else 40, "guidance": 3.5 if flux else 4.5}
+    # FLUX: Pref-GRPO's UniGenBench inference (1024 px, 30 steps, guidance 3.5); SD3.5: Flow-GRPO's eval.
+    out = {"steps": 30 if flux else 40, "guidance": 3.5 if flux else 4.5}
     res = policy.default_resolution() if hasattr(policy, "default_resolution") else (1024 if flux else 512)
     out["resolution"] = res
     d = model_defaults(model)
     out["steps"] = d.get("eval_steps", out["steps"])
-    out["guidance"] = d.get("eval_guidance", out["guidance"])
+    out["guidance"] = d.get("eval_guidance", d.get("guidance", out["guidance"]))
     out["resolution"] = d.get("resolution", out["resolution"])
     return out
 
@@ -175,7 +177,7 @@ def generate(benchmark: str | Benchmark, model: str, lora: str | None = None, ou
 
     from diffusers.utils import logging as dlog
 
-    bars_were_on = not dlog.are_progress_bars_disabled()
+    bars_were_on = dlog.is_progress_bar_enabled()
     if not progress:
         dlog.disable_progress_bar()
     try:
@@ -232,3 +234,22 @@ def generate(benchmark: str | Benchmark, model: str, lora: str | None = None, ou
     if rank == 0 or state is None:
         write_manifest(out_dir, settings, bench)
     return out_dir / MANIFEST
+
+
+def adopt(benchmark: str | Benchmark, images_dir: str | Path, images_per_prompt: int | None = None,
+          label: str = "external", data_dir: str | None = None, prompts: str | None = None) -> Path:
+    """Make a folder of images named `{key}_{j}.png` (made elsewhere, e.g. the published
+    UniGenBench-Eval-Images) a run that `score` and `report` accept: writes its manifest."""
+    bench = benchmark if isinstance(benchmark, Benchmark) else load_benchmark(benchmark, data_dir, prompts)
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise EvalError(f"image folder {str(images_dir)!r} does not exist")
+    n = int(images_per_prompt or bench.images_per_prompt)
+    missing = [image_name(it.key, j) for it in bench.items for j in range(n)
+               if not (images_dir / image_name(it.key, j)).is_file()]
+    if len(missing) == n * len(bench.items):
+        raise EvalError(f"{images_dir} holds none of the expected images (e.g. {missing[0]}); files must be named "
+                        f"{{key}}_{{j}}.png, key being the UniGenBench index or the prompt's position")
+    settings = GenerateSettings(bench.name, bench.source, f"external:{label}", None, 1.0, n, 0, 0.0, -1, 0, 0,
+                                "unknown")
+    return write_manifest(images_dir, settings, bench)

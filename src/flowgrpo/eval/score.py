@@ -79,7 +79,8 @@ def _make(reward_name: str, metric: str, kwargs: dict | None):
     except RewardError as exc:
         if metric == "geneval":
             raise EvalError(f"GenEval scoring needs a GenEval scorer behind `flowgrpo serve-reward` (see "
-                            f"docs/evaluation.md); give its address with --reward-url http://HOST:PORT ({exc})") from None
+                            f"docs/evaluation.md); give its address with --reward-url http://HOST:PORT "
+                            f"({exc})") from None
         raise
     if getattr(rew, "needs_groups", False) or getattr(rew, "kind", "pointwise") == "pairwise":
         raise EvalError(f"reward {reward_name!r} compares images within a group; benchmark scores need a "
@@ -98,7 +99,7 @@ def _load_cache(path: Path) -> dict[str, dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                continue  # a line cut short by a killed run: that image is scored again
             cache[rec["image"]] = rec
     return cache
 
@@ -117,7 +118,8 @@ def score_with_reward(run_dir: Path, reward_name: str, out: Path, *, metric: str
     cache_path = out / "scores.jsonl"
     cache = _load_cache(cache_path)
     shas = {f: _sha(run_dir / f) for _, f in jobs}
-    todo = [(it, f) for it, f in jobs if cache.get(f, {}).get("sha") != shas[f] or cache[f].get("reward") != reward_name]
+    todo = [(it, f) for it, f in jobs
+            if cache.get(f, {}).get("sha") != shas[f] or cache[f].get("reward") != reward_name]
     info_totals: dict[str, float] = {}
     if todo:
         rew = _make(reward_name, metric, reward_kwargs)
@@ -195,7 +197,8 @@ def markdown_summary(s: dict) -> str:
              f"Reward `{s['reward']}` ({s['value']}); {s['n_images']} images, mean {s['mean']:.4f} "
              f"(std {s['std']:.4f}); {s['unscored_images']} unscored."]
     if s.get("reward_info"):
-        lines.append("Reward counters: " + ", ".join(f"{k} {v:g}" for k, v in s["reward_info"].items()) + ".")
+        counters = ", ".join(f"{k} {v:g}" for k, v in s["reward_info"].items())
+        lines.append(f"Reward counters (images scored in this pass): {counters}.")
     for k, v in s.get("extra_means", {}).items():
         lines.append(f"Mean {k}: {v:.4f}.")
     if s["per_tag"]:

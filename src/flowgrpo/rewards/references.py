@@ -17,7 +17,6 @@ uninterrupted one; existing PNGs are skipped, and PNGs and the JSON are written 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -182,41 +181,18 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 # ---- prompts ----------------------------------------------------------------------------------
 
-def read_prompts(path: str | Path) -> list[tuple[str, dict | None]]:
-    """(prompt, metadata) pairs from .txt (one prompt a line), .jsonl (records with a
-    "prompt" field; the record is the metadata) or .csv (a "prompt" or "prompt_en" column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    items: list[tuple[str, dict | None]] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RewardError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise RewardError(f"{path}:{n}: each line must be a JSON object with a \"prompt\" string")
-            items.append((rec["prompt"], rec))
-    elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            col = next((c for c in ("prompt", "prompt_en") if c in (reader.fieldnames or [])), None)
-            if col is None:
-                raise RewardError(f"{path}: a CSV prompt file needs a 'prompt' or 'prompt_en' column, "
-                                  f"found {reader.fieldnames}")
-            items = [(row[col], None) for row in reader if row[col].strip()]
-    elif path.suffix in (".txt", ""):
-        items = [(line.strip(), None) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        raise RewardError(f"{path}: unknown prompt file type {path.suffix!r}; use .txt, .jsonl or .csv")
-    if not items:
-        raise RewardError(f"prompt file {str(path)!r} holds no prompts")
+def read_prompts(source: str | Path) -> list[tuple[str, dict | None]]:
+    """Unique (prompt, metadata) pairs from a prompt source of `flowgrpo.data.load_prompts`
+    (.txt, .jsonl, .csv, or shapes:train / shapes:test)."""
+    from ..data import PromptFileError, load_prompts
+
+    try:
+        items = load_prompts(str(source))
+    except PromptFileError as exc:
+        raise RewardError(str(exc)) from None
     seen: dict[str, dict | None] = {}
-    for prompt, meta in items:
-        seen.setdefault(prompt, meta)
+    for item in items:
+        seen.setdefault(item["prompt"], item["metadata"] or None)
     return list(seen.items())
 
 
@@ -277,7 +253,7 @@ class _PipelineSource:
         self.pipe = load_pipeline(DiffusionPipeline, model, torch_dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         accepted = inspect.signature(self.pipe.__call__).parameters
-        kwargs = {k: v for k, v in model_defaults(model).items() if k in accepted}
+        kwargs = self._model_defaults(model_defaults(model), accepted)
         if steps is not None:
             kwargs["num_inference_steps"] = steps
         if guidance is not None:
@@ -290,6 +266,22 @@ class _PipelineSource:
             raise RewardError(f"{type(self.pipe).__name__} does not take {unknown}; drop them from the flags "
                               f"or --pipeline-kwargs")
         self.kwargs = kwargs
+
+    @staticmethod
+    def _model_defaults(defaults: dict, accepted) -> dict:
+        """A model folder's flowgrpo_defaults.json as call arguments; references want the
+        model's evaluation settings (eval_steps, eval_guidance) rather than its training ones."""
+        out = {}
+        if "max_sequence_length" in defaults:
+            out["max_sequence_length"] = defaults["max_sequence_length"]
+        if "eval_steps" in defaults:
+            out["num_inference_steps"] = defaults["eval_steps"]
+        guidance = defaults.get("eval_guidance", defaults.get("guidance"))
+        if guidance is not None:
+            out["guidance_scale"] = guidance
+        if "resolution" in defaults:
+            out["height"] = out["width"] = defaults["resolution"]
+        return {k: v for k, v in out.items() if k in accepted}
 
     def __call__(self, prompt: str, meta: dict | None, seeds: list[int]) -> list[np.ndarray]:
         gens = [torch.Generator(self.device).manual_seed(s) for s in seeds]
@@ -377,8 +369,8 @@ def add_commands(subparsers) -> None:
         "make-references", help="fill a reference image set (prompt -> images) for the adversarial reward",
         description="Generate N reference images per prompt with a diffusers text-to-image pipeline or the "
                     "shapes renderer, and write DIR/references.json. Resumable: existing images are kept.")
-    p.add_argument("--prompts", required=True, help="prompt file: .txt (one a line), .jsonl (\"prompt\" field) "
-                                                    "or .csv (\"prompt\"/\"prompt_en\" column)")
+    p.add_argument("--prompts", required=True, help="prompt file: .txt (one a line), .jsonl (\"prompt\" field), "
+                                                    ".csv (\"prompt\"/\"prompt_en\" column), or shapes:train")
     p.add_argument("--out", required=True, help="output folder (images/ and references.json)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="diffusers pipeline: hub id or local folder")
