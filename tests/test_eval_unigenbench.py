@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from flowgrpo.chat import ChatConfig
 from flowgrpo.eval.benchmarks import (PRIMARY_DIMENSIONS, SUBDIMENSIONS, Benchmark, EvalError, load_benchmark,
                                       load_unigenbench_csv, primary_of, subdimension_map)
 from flowgrpo.eval.generate import adopt, load_manifest
+from flowgrpo.eval.report import report
 from flowgrpo.eval.unigenbench import (VERDICTS, JudgeRequest, UniGenBenchJudge, VerdictError, aggregate,
                                        parse_scores, score_run)
 
@@ -273,3 +275,10 @@ def test_scoring_run_writes_outputs_and_resumes(tmp_path, items):
     saved = json.loads((out / "scores.json").read_text())
     assert saved["primary"]["World Knowledge"]["score"] == 100.0 and saved["primary"]["Style"]["score"] == 0.0
     assert "Text" in saved["missing_primaries"]
+    # The report puts UniGenBench runs side by side: primaries, sub-dimensions, failures.
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    md = report([run, twin], tmp_path / "rep", names=["a", "b"]).read_text()
+    assert "## unigenbench" in md and "| World Knowledge | 100.00 | 100.00 | 0.00 |" in md
+    assert "| · Attribute - Quantity |" in md and "| Failed images | 2 | 2 | 0 |" in md
+    assert (tmp_path / "rep" / "chart_unigenbench.png").is_file()

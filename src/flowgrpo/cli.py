@@ -27,11 +27,13 @@ class UserError(Exception):
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import PromptFileError
+    from .eval.benchmarks import EvalError
     from .models.sd3 import ModelLoadError
     from .rewards.base import RewardError
     from .worlds.shapes.grammar import GrammarError
 
-    return (UserError, ConfigError, ModelLoadError, RewardError, GrammarError, PromptFileError, FileNotFoundError)
+    return (UserError, ConfigError, ModelLoadError, RewardError, GrammarError, PromptFileError, EvalError,
+            FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,13 +100,14 @@ def _read_manifest(out_dir: Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _check_compatible(old: dict | None, settings: GenerateSettings, bench: Benchmark) -> None:
+def _check_compatible(old: dict | None, settings: dict, bench: Benchmark) -> None:
+    """Refuse to mix images: every pixel setting in `settings` must equal the folder's."""
     if not old:
         return
     prev = old.get("settings", {})
-    diff = [k for k in PIXEL_SETTINGS if k in prev and prev[k] != getattr(settings, k)]
+    diff = [k for k in PIXEL_SETTINGS if k in prev and k in settings and prev[k] != settings[k]]
     if diff:
-        detail = ", ".join(f"{k}: {prev[k]!r} there, {getattr(settings, k)!r} now" for k in diff)
+        detail = ", ".join(f"{k}: {prev[k]!r} there, {settings[k]!r} now" for k in diff)
         raise EvalError(f"the output folder already holds images made with other settings ({detail}); "
                         f"use a new --out folder, or the same settings to resume")
     known = {it["key"]: it["prompt"] for it in old.get("items", [])}
@@ -174,6 +175,12 @@ def generate(benchmark: str | Benchmark, model: str, lora: str | None = None, ou
         raise EvalError(f"batch size must be at least 1, got {batch_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # What is known before loading the model is checked first: a refusal should not cost a FLUX load.
+    given = {"model": str(model), "lora": str(lora) if lora else None, "lora_scale": float(lora_scale),
+             "seed": int(seed), "dtype": dtype, "steps": steps, "guidance": guidance, "height": resolution,
+             "width": resolution}
+    _check_compatible(_read_manifest(out_dir), {k: v for k, v in given.items() if v is not None or k == "lora"},
+                      bench)
 
     from diffusers.utils import logging as dlog
 
@@ -197,7 +204,7 @@ def generate(benchmark: str | Benchmark, model: str, lora: str | None = None, ou
     if settings.images_per_prompt < 1 or settings.steps < 1:
         raise EvalError("images per prompt and steps must be at least 1")
     if rank == 0 or state is None:
-        _check_compatible(_read_manifest(out_dir), settings, bench)
+        _check_compatible(_read_manifest(out_dir), asdict(settings), bench)
         write_manifest(out_dir, settings, bench)
     if state is not None:
         state.wait_for_everyone()
@@ -206,8 +213,8 @@ def generate(benchmark: str | Benchmark, model: str, lora: str | None = None, ou
     todo = [(it, j) for it in bench.items[rank::world] for j in range(n)
             if not (out_dir / image_name(it.key, j)).is_file()]
     shape = policy.latent_shape(settings.height, settings.width)
-    # FLUX.1-dev embeds its guidance and has no unconditional branch: policies say so.
-    use_cfg = settings.guidance != 1.0 and getattr(policy, "uses_true_cfg", True)
+    # FLUX.1-dev embeds its guidance and has no unconditional branch: no negative prompt to encode.
+    use_cfg = settings.guidance != 1.0 and not getattr(policy, "guidance_embeds", False)
     negative = policy.encode_prompts([""]) if use_cfg else None
     bar = None
     if progress:

@@ -1,0 +1,285 @@
+"""FLUX.1 (dev, schnell and fine-tunes such as FLUX.1-dev-PrefGRPO) behind the Policy protocol.
+
+Latents. FLUX's transformer works on *packed* latents: every 2x2 patch of the VAE latent
+(C, H/f, W/f), f = the VAE's downsampling, becomes one token of 4C channels. This policy
+keeps the *unpacked* layout everywhere outside `velocity`: `latent_shape` is (C, H/f, W/f),
+initial noise is drawn in that shape (so a seed gives the same noise as `FluxPipeline`),
+trajectories are stored unpacked and `decode` takes them as they are. Packing is a
+permutation, so the per-element Gaussian log-density (a mean over all elements) is the same
+in either layout. `velocity` packs, runs the transformer, and unpacks.
+
+Positions. Image tokens carry ids (0, row, col) on the packed grid; text tokens carry
+ids 0. diffusers takes `txt_ids` without a batch dimension, so the condition dict holds
+only batch-first tensors (prompt_embeds (B, L, D), pooled_projections (B, P)) and the text
+ids are rebuilt in `velocity` from L.
+
+Guidance. FLUX.1-dev is guidance-distilled: the guidance value g goes into the transformer
+as an embedding, one forward pass, no unconditional branch (a negative condition is
+ignored). Models without a guidance embedding (schnell) use true CFG
+v = v_u + g (v_c - v_u) when a negative condition is given and g != 1.
+
+Noise levels. `sigmas` follows FluxPipeline: s_i = linspace(1, 1/N, N), then with dynamic
+shifting s' = e^mu / (e^mu + 1/s - 1), where mu = a + b * n_tokens interpolates linearly from
+base_shift at base_image_seq_len tokens to max_shift at max_image_seq_len tokens (the
+scheduler config's values; 0.5 @ 256 to 1.15 @ 4096 for FLUX.1-dev), n_tokens =
+(H/2f)(W/2f). With `shift` set (Pref-GRPO trains with 3) the static rule
+s' = shift s / (1 + (shift - 1) s) is used instead. A final 0 is appended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import Condition, adapters_disabled
+from .sd3 import LoraSpec, ModelLoadError, load_pipeline, model_defaults
+
+# The Flow-GRPO FLUX targets: the SD3 attention projections (which in FLUX also name the
+# single-stream blocks' q/k/v) plus both streams' feed-forward layers.
+FLUX_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+# FLUX.1-dev model card settings (FLUX.1-dev-PrefGRPO's quick start uses the same).
+FLUX_SAMPLE_DEFAULTS = {"resolution": 1024, "guidance": 3.5, "steps": 50, "max_sequence_length": 512}
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token, channels-major inside."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for a latent of `height` x `width`."""
+    b, _, d = x.shape
+    x = x.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
+    """(h2 * w2, 3) ids (0, row, col) of the packed image tokens."""
+    rows = torch.arange(h2).repeat_interleave(w2)
+    cols = torch.arange(w2).repeat(h2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], 1).to(device=device, dtype=dtype)
+
+
+def flux_mu(image_seq_len: int, config) -> float:
+    """FluxPipeline's resolution-dependent shift: linear in the number of image tokens."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (top - base) / (max_len - base_len)
+    return image_seq_len * slope + base - slope * base_len
+
+
+def place_pipeline(pipe, device, cpu_offload: bool) -> torch.device:
+    """Move the pipeline to `device`, or let diffusers keep each component on the CPU until it runs.
+
+    Returns the device inputs must be on (the accelerator in both cases)."""
+    if cpu_offload:
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            raise ModelLoadError("--cpu-offload needs an accelerator (it moves each model to the GPU only while it "
+                                 "runs); drop it to run on the CPU")
+        pipe.enable_model_cpu_offload(device=dev)
+        return pipe._execution_device
+    pipe.to(device)
+    return torch.device(device)
+
+
+class FluxPolicy:
+    """A `FluxPipeline` as a GRPO policy (layout, guidance and sigma rules in the module docstring)."""
+
+    lora_targets = FLUX_LORA_TARGETS
+
+    def __init__(self, pipe, max_sequence_length: int = 512, device: str | torch.device = "cpu",
+                 shift: float | None = None, encoder=None, defaults: dict | None = None):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.transformer = pipe.transformer
+        self.dtype = self.transformer.dtype
+        self.max_sequence_length = max_sequence_length
+        self.shift = shift
+        self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
+        self.defaults = {**FLUX_SAMPLE_DEFAULTS, "max_sequence_length": max_sequence_length, **(defaults or {})}
+        self.forward_module: torch.nn.Module = self.transformer  # the trainer may swap in a DDP wrapper
+        self._reference_module: torch.nn.Module | None = None
+        self.lora: LoraSpec | None = None
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self.transformer.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
+                        max_sequence_length: int | None = None, shift: float | None = None,
+                        embedding_cache: str | None = None, cpu_offload: bool = False, **kwargs) -> "FluxPolicy":
+        """Load a hub id or diffusers folder. With `embedding_cache` (a `flowgrpo preprocess`
+        folder) the text encoders are not loaded at all."""
+        from diffusers import FluxPipeline
+
+        defaults = model_defaults(model)
+        encoder = None
+        if embedding_cache:
+            from .cache import CachedEncoder, TEXT_COMPONENTS
+
+            encoder = CachedEncoder(embedding_cache)
+            max_sequence_length = max_sequence_length or encoder.max_sequence_length
+            encoder.check(model, max_sequence_length)
+            kwargs.update({name: None for name in TEXT_COMPONENTS["FluxPipeline"]})
+        msl = max_sequence_length or defaults.get("max_sequence_length", FLUX_SAMPLE_DEFAULTS["max_sequence_length"])
+        pipe = load_pipeline(FluxPipeline, model, dtype, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        dev = place_pipeline(pipe, device, cpu_offload)
+        policy = cls(pipe, msl, dev, shift, encoder, defaults)
+        if encoder is not None:
+            encoder.check_dims(policy.condition_dims())
+        return policy
+
+    # ---- training set-up -------------------------------------------------------------
+    def add_lora(self, spec: LoraSpec) -> None:
+        from peft import LoraConfig
+
+        self.lora = spec
+        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=spec.init,
+                         target_modules=spec.targets or self.lora_targets, lora_dropout=spec.dropout)
+        self.transformer.add_adapter(cfg)
+
+    def enable_full_finetune(self, keep_reference: bool) -> None:
+        if keep_reference:
+            self._reference_module = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        self.transformer.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    @contextlib.contextmanager
+    def reference(self):
+        if self.lora is not None:
+            with adapters_disabled(self.transformer):
+                yield
+        elif self._reference_module is not None:
+            active = self.forward_module
+            self.forward_module = self._reference_module
+            try:
+                yield
+            finally:
+                self.forward_module = active
+        else:
+            raise RuntimeError("no reference model: full fine-tuning was set up without keep_reference "
+                               "(set optim.kl_beta > 0 to keep one)")
+
+    # ---- the protocol ----------------------------------------------------------------
+    @property
+    def guidance_embeds(self) -> bool:
+        return bool(self.transformer.config.guidance_embeds)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def default_resolution(self) -> int:
+        return int(self.defaults["resolution"])
+
+    def sample_defaults(self) -> dict:
+        """resolution, guidance, steps and max_sequence_length for `flowgrpo sample`."""
+        return dict(self.defaults)
+
+    def condition_dims(self) -> dict[str, int]:
+        """Last dimension of each condition tensor the transformer accepts."""
+        cfg = self.transformer.config
+        return {"prompt_embeds": cfg.joint_attention_dim, "pooled_projections": cfg.pooled_projection_dim}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Condition:
+        if self.encoder is not None:
+            return self.encoder(prompts, device=self.device)
+        from .cache import encode_text
+
+        return encode_text(self.pipe, prompts, self.max_sequence_length, self.device)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 packing
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f} for this FLUX model, got {height}x{width}")
+        return (self.transformer.config.in_channels // 4, height // self.vae_scale_factor,
+                width // self.vae_scale_factor)
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        sched = self.pipe.scheduler
+        if self.shift is not None:
+            sched = type(sched).from_config(sched.config, shift=float(self.shift), use_dynamic_shifting=False)
+        else:
+            sched = copy.deepcopy(sched)
+        base = None if sched.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+        kw = {}
+        if sched.config.use_dynamic_shifting:
+            n_tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+            kw["mu"] = flux_mu(n_tokens, sched.config)
+        sched.set_timesteps(num_steps, device="cpu", sigmas=base, **kw)
+        return sched.sigmas.float()
+
+    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0) -> torch.Tensor:
+        b, _, h, w = latents.shape
+        true_cfg = not self.guidance_embeds and negative is not None and guidance != 1.0
+        x = pack_latents(latents.to(self.dtype))
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        sig = sig.expand(b) if sig.ndim == 0 else sig
+        emb, pooled = cond["prompt_embeds"], cond["pooled_projections"]
+        if true_cfg:
+            x, sig = torch.cat([x, x]), torch.cat([sig, sig])
+            emb = torch.cat([negative["prompt_embeds"], emb])
+            pooled = torch.cat([negative["pooled_projections"], pooled])
+        n = x.shape[0]
+        g = torch.full((n,), float(guidance), dtype=torch.float32, device=x.device) if self.guidance_embeds else None
+        # FluxPipeline rounds t = 1000 sigma to the model dtype before dividing: do the same
+        # so that bf16 runs see the timesteps the model was used with.
+        t = (sig * 1000).to(self.dtype) / 1000
+        out = self.forward_module(
+            hidden_states=x, timestep=t, guidance=g, pooled_projections=pooled.to(self.dtype),
+            encoder_hidden_states=emb.to(self.dtype),
+            txt_ids=torch.zeros(emb.shape[1], 3, device=x.device, dtype=self.dtype),
+            img_ids=image_ids(h // 2, w // 2, x.device, self.dtype), return_dict=False)[0]
+        if true_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance * (text - uncond)
+        return unpack_latents(out, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    def load_lora(self, folder: str | Path, scale: float = 1.0) -> None:
+        """Apply a saved LoRA (ours or any diffusers-format FLUX LoRA) for sampling."""
+        folder = Path(folder)
+        if not folder.exists():
+            raise ModelLoadError(f"LoRA folder {str(folder)!r} does not exist")
+        self.pipe.load_lora_weights(str(folder), adapter_name="loaded")
+        self.pipe.set_adapters(["loaded"], [scale])
+
+    # ---- saving ----------------------------------------------------------------------
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer)
+
+    def save_trained(self, folder: str | Path) -> Path:
+        from diffusers import FluxPipeline
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            FluxPipeline.save_lora_weights(folder, transformer_lora_layers=self.lora_state_dict())
+        else:
+            self.transformer.save_pretrained(folder / "transformer")
+        return folder
