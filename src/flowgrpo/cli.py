@@ -12,7 +12,8 @@ import sys
 
 # Modules that contribute top-level subcommands, in help order.
 COMMAND_MODULES = [
-    "flowgrpo.commands",  # train, pretrain, sample, bench, preprocess, export
+    "flowgrpo.commands",  # train, pretrain, sample, bench
+    "flowgrpo.model_commands",  # preprocess, export
     "flowgrpo.eval.commands",  # eval shapes | generate | score | report
     "flowgrpo.rewards.server",  # serve-reward
     "flowgrpo.rewards.judge_server",  # serve-judge

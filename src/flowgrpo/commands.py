@@ -15,13 +15,12 @@ def _train(args) -> int:
     cfg = validate(load_config(TrainConfig, args.config, args.overrides))
     summary = train(cfg, resume=(args.resume if args.resume != "latest" else True) if args.resume else None)
     if summary.get("before") and summary.get("after"):
-        from .eval.shapes import format_table, paired_difference_ci
+        from .eval.shapes import format_table
 
         print(format_table({"before": summary["before"], "after": summary["after"]}))
-        tags = [r for r in summary["after"].get("tags", [])]
-        if tags:
-            d, lo, hi = paired_difference_ci(summary["before"]["strict"], summary["after"]["strict"], tags)
-            print(f"overall change {d:+.3f} (95% CI {lo:+.3f} .. {hi:+.3f})")
+        ch = summary["change"]
+        print(f"overall change {ch['overall']:+.3f} (95% CI {ch['ci95'][0]:+.3f} .. {ch['ci95'][1]:+.3f}), "
+              f"{summary['wall_seconds']:.0f} s; LoRA: {summary['lora']}")
     return 0
 
 
@@ -49,15 +48,23 @@ def _sample(args) -> int:
         prompts = list(args.prompt)
     else:
         raise FileNotFoundError("give --prompt TEXT (repeatable) or --prompts FILE")
-    policy = load_policy(args.model)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype or ("float32" if device == "cpu" else "bfloat16")]
+    policy = load_policy(args.model, args.backend, dtype, device, max_sequence_length=args.max_sequence_length,
+                         cpu_offload=args.cpu_offload)
     if args.lora:
-        policy.load_lora(args.lora)
-    defaults = model_defaults(args.model)
+        policy.load_lora(args.lora, args.lora_scale)
+    # the backend's defaults (FLUX.1-dev: 1024, guidance 3.5, 50 steps), then the model folder's own
+    defaults = {**policy.sample_defaults(), **model_defaults(args.model)}
     size = args.size or defaults.get("resolution") or policy.default_resolution()
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 4.5)
+    steps = args.steps or defaults.get("steps", 20)
     expanded = [p for p in prompts for _ in range(args.n)]
     seeds = [args.seed * 1_000_003 + i for i in range(len(expanded))]
-    images = sample_images(policy, expanded, seeds, steps=args.steps, guidance=guidance, resolution=size,
+    images = sample_images(policy, expanded, seeds, steps=steps, guidance=guidance, resolution=size,
                            batch_size=args.batch_size, progress=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,14 +99,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("sample", help="sample images from a model (and LoRA)")
     p.add_argument("--model", default="assets/shapes-sd3", help="hub id or diffusers folder")
+    p.add_argument("--backend", default="auto", choices=["auto", "sd3", "flux"],
+                   help="auto: from model_index.json (hub ids: 'flux' in the name picks FLUX)")
     p.add_argument("--lora", default=None, help="LoRA folder (diffusers format)")
+    p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompt file: txt, jsonl or csv")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--size", type=int, default=None, help="height = width in pixels")
+    p.add_argument("--steps", type=int, default=None,
+                   help="ODE steps (default: FLUX 50, else 20; SD3.5 is evaluated with 40)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (SD3) or embedded guidance (FLUX.1-dev: 3.5); default: the model's")
+    p.add_argument("--size", type=int, default=None, help="height = width in pixels (default: the model's)")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: SD3 256, FLUX 512)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep each model on the CPU until it runs: GPU memory peaks at the largest model "
+                        "(FLUX.1-dev's transformer, 24 GB in bf16) instead of all of them (34 GB)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="runs/samples")
     p.set_defaults(func=_sample)

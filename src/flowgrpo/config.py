@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -30,6 +30,24 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {msg} (key '{key}')")
 
 
+def _is_mapping_field(node) -> bool:
+    """A `dict[str, X]` field (not a nested dataclass): a value given for it replaces the default."""
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
+
+
+def _clear_replaced_mappings(base: DictConfig, new: DictConfig) -> None:
+    """Empty every mapping field that `new` sets, so the merge replaces it: a file saying
+    `reward.weights: {ocr: 1.0}` must not keep the default's `shapes_partial` beside it."""
+    for key in new:
+        if key not in base:
+            continue
+        node = base._get_node(key)
+        if _is_mapping_field(node):
+            base[key] = {}
+        elif isinstance(node, DictConfig) and isinstance(new._get_node(key), DictConfig):
+            _clear_replaced_mappings(node, new[key])
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Merge YAML `path` and dotted `overrides` onto `schema`'s defaults; return a dataclass."""
     base = OmegaConf.structured(schema)
@@ -43,11 +61,16 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             loaded = OmegaConf.load(path)
             if loaded is None:
                 loaded = OmegaConf.create({})
+            _clear_replaced_mappings(base, loaded)
             base = OmegaConf.merge(base, loaded)
         for ov in overrides or []:
             if "=" not in ov:
                 raise ConfigError(f"override {ov!r} must look like key.sub=value")
             source = f"override {ov!r}"
+            key = ov.split("=", 1)[0].strip()
+            # `reward.weights={ocr: 1.0}` replaces the mapping; `reward.weights.ocr=1.0` adds to it
+            if _is_mapping_field(OmegaConf.select(base, key, throw_on_missing=False)):
+                OmegaConf.update(base, key, {}, merge=False)
             base = OmegaConf.merge(base, OmegaConf.from_dotlist([ov]))
         return OmegaConf.to_object(base)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:

@@ -86,7 +86,8 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
     pipe = load_pipeline(DiffusionPipeline, model, torch.float32)
     if transformer:
         tr_dir = _resolve_transformer(Path(transformer))
-        pipe.register_modules(transformer=type(pipe.transformer).from_pretrained(str(tr_dir), torch_dtype=torch.float32))
+        trained = type(pipe.transformer).from_pretrained(str(tr_dir), torch_dtype=torch.float32)
+        pipe.register_modules(transformer=trained)
     if lora and merge_lora:
         pipe.load_lora_weights(lora, adapter_name="trained")
         pipe.fuse_lora(lora_scale=lora_scale, adapter_names=["trained"])

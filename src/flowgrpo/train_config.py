@@ -29,6 +29,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # trade compute for memory on big models
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapter settings (below)
     embedding_cache: Optional[str] = None  # folder written by `flowgrpo preprocess`: no text encoders needed
+    shift: Optional[float] = None  # static shift s' = k s / (1 + (k - 1) s) (Pref-GRPO FLUX: 3); None = the scheduler's
 
 
 @dataclass

@@ -74,7 +74,8 @@ class Trainer:
                              f"{self.world} processes")
         m = cfg.model
         self.policy = load_policy(m.path, m.backend, DTYPES[m.dtype], self.acc.device,
-                                  max_sequence_length=m.max_sequence_length)
+                                  max_sequence_length=m.max_sequence_length, shift=m.shift,
+                                  embedding_cache=m.embedding_cache)
         if m.lora.enabled:
             torch.manual_seed(cfg.run.seed)  # LoRA A is drawn at random: make it a function of the seed
             self.policy.add_lora(LoraSpec(m.lora.rank, m.lora.alpha, m.lora.init, list(m.lora.targets)))
@@ -119,9 +120,11 @@ class Trainer:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
         if missing:
             enc = self.policy.encode_prompts(missing)
+            # kept on the CPU: a FLUX condition is 4 MB a prompt, a prompt set of thousands would fill the GPU
             for i, p in enumerate(missing):
-                self._cond_cache[p] = {k: v[i] for k, v in enc.items()}
-        return {k: torch.stack([self._cond_cache[p][k] for p in prompts]) for k in self._cond_cache[prompts[0]]}
+                self._cond_cache[p] = {k: v[i].cpu() for k, v in enc.items()}
+        return {k: torch.stack([self._cond_cache[p][k] for p in prompts]).to(self.acc.device)
+                for k in self._cond_cache[prompts[0]]}
 
     def sample(self, iteration: int) -> Batch:
         s, seed = self.cfg.sample, self.cfg.run.seed
@@ -247,6 +250,9 @@ class Trainer:
                     last = j == len(chunk) - 1
                     for k, t in enumerate(steps):
                         sync = last and k == len(steps) - 1
+                        # DeepSpeed runs its optimizer step inside backward whenever gradients sync:
+                        # let them sync only at the last backward before our optimizer step.
+                        self.acc.gradient_state._set_sync_gradients(sync)
                         with (self.acc.no_sync(model) if not sync else _null()):
                             loss, st = self._loss_at(batch, idx, w, t, advantages[idx])
                             self.acc.backward(loss / (len(steps) * len(chunk)))
@@ -258,6 +264,7 @@ class Trainer:
                     self.acc.clip_grad_norm_(list(self.named_params.values()), o.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        self.acc.gradient_state._set_sync_gradients(True)
         model.eval()
         if self.ema is not None:
             self.ema.update(iteration + 1)
@@ -440,6 +447,12 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         plot_run(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plot.png")
         summary.update({"wall_seconds": time.time() - t_start, "lora": str(final), "checkpoint": str(ckpt),
                         "iterations": trainer.step})
+        if summary.get("before") and summary.get("after"):
+            from .eval.shapes import paired_difference_ci
+
+            d, lo, hi = paired_difference_ci(summary["before"]["strict"], summary["after"]["strict"],
+                                             summary["after"]["tags"])
+            summary["change"] = {"overall": d, "ci95": [lo, hi]}
         slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("strict", "tags")} if isinstance(v, dict) else v)
                 for k, v in summary.items()}
         (out_dir / "summary.json").write_text(json.dumps(slim, indent=2))

@@ -66,11 +66,15 @@ class SD3Policy:
 
     lora_targets = SD3_LORA_TARGETS
 
-    def __init__(self, pipe, max_sequence_length: int = 256, device: str | torch.device = "cpu"):
+    def __init__(self, pipe, max_sequence_length: int = 256, device: str | torch.device = "cpu",
+                 shift: float | None = None, encoder=None, defaults: dict | None = None):
         self.pipe = pipe
         self.device = torch.device(device)
         self.dtype = pipe.transformer.dtype
         self.max_sequence_length = max_sequence_length
+        self.shift = shift  # None: the scheduler's own shift (3.0 for SD3.5)
+        self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
+        self.defaults = defaults or {}
         self.transformer = pipe.transformer
         self.forward_module: torch.nn.Module = self.transformer  # the trainer may swap in a DDP wrapper
         self._reference_module: torch.nn.Module | None = None
@@ -82,13 +86,31 @@ class SD3Policy:
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
-                        max_sequence_length: int | None = None, **kwargs) -> "SD3Policy":
+                        max_sequence_length: int | None = None, shift: float | None = None,
+                        embedding_cache: str | None = None, cpu_offload: bool = False, **kwargs) -> "SD3Policy":
+        """Load a hub id or diffusers folder. With `embedding_cache` (a `flowgrpo preprocess`
+        folder) the three text encoders are not loaded."""
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = load_pipeline(StableDiffusion3Pipeline, model, dtype, **kwargs).to(device)
+        from .flux import place_pipeline
+
+        defaults = model_defaults(model)
+        encoder = None
+        if embedding_cache:
+            from .cache import TEXT_COMPONENTS, CachedEncoder
+
+            encoder = CachedEncoder(embedding_cache)
+            max_sequence_length = max_sequence_length or encoder.max_sequence_length
+            encoder.check(model, max_sequence_length)
+            kwargs.update({name: None for name in TEXT_COMPONENTS["StableDiffusion3Pipeline"]})
+        pipe = load_pipeline(StableDiffusion3Pipeline, model, dtype, **kwargs)
         pipe.set_progress_bar_config(disable=True)
-        msl = max_sequence_length or model_defaults(model).get("max_sequence_length", 256)
-        return cls(pipe, msl, device)
+        dev = place_pipeline(pipe, device, cpu_offload)
+        msl = max_sequence_length or defaults.get("max_sequence_length", 256)
+        policy = cls(pipe, msl, dev, shift, encoder, defaults)
+        if encoder is not None:
+            encoder.check_dims(policy.condition_dims())
+        return policy
 
     # ---- training set-up -------------------------------------------------------------
     def add_lora(self, spec: LoraSpec) -> None:
@@ -129,6 +151,8 @@ class SD3Policy:
     # ---- the protocol ----------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Condition:
+        if self.encoder is not None:
+            return self.encoder(prompts, device=self.device)
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
@@ -141,6 +165,17 @@ class SD3Policy:
     def default_resolution(self) -> int:
         return self.transformer.config.sample_size * self.vae_scale_factor
 
+    def sample_defaults(self) -> dict:
+        """resolution, guidance and max_sequence_length for `flowgrpo sample`, then the folder's own
+        defaults (SD3.5's eval setting is 40 steps: pass --steps 40)."""
+        return {"resolution": self.default_resolution(), "guidance": 4.5,
+                "max_sequence_length": self.max_sequence_length, **self.defaults}
+
+    def condition_dims(self) -> dict[str, int]:
+        """Last dimension of each condition tensor the transformer accepts."""
+        cfg = self.transformer.config
+        return {"prompt_embeds": cfg.joint_attention_dim, "pooled_projections": cfg.pooled_projection_dim}
+
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor
         if height % (f * self.transformer.config.patch_size) or width % (f * self.transformer.config.patch_size):
@@ -148,7 +183,11 @@ class SD3Policy:
         return (self.transformer.config.in_channels, height // f, width // f)
 
     def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.pipe.scheduler
+        if self.shift is not None:
+            sched = type(sched).from_config(sched.config, shift=float(self.shift))
+        else:
+            sched = copy.deepcopy(sched)
         sched.set_timesteps(num_steps, device="cpu")
         return sched.sigmas.float()
 

@@ -38,3 +38,45 @@ def _strict(**kw):
 @register("shapes_partial")
 def _partial(**kw):
     return ShapesVerifierReward("partial", **kw)
+
+
+def image_statistics(images) -> dict[str, np.ndarray]:
+    """Per-image statistics a biased scorer can be hacked through: the share of the image
+    covered by shapes (object size) and the mean saturation of those pixels."""
+    from ..worlds.shapes.verify import _hue_sat_val
+
+    images = as_uint8_images(images)
+    fg_share, sat_mean = [], []
+    for img in images:
+        _, sat, val = _hue_sat_val(img)
+        fg = (sat > 0.35) & (val > 0.25)
+        fg_share.append(fg.mean())
+        sat_mean.append(float(sat[fg].mean()) if fg.any() else 0.0)
+    return {"size": np.asarray(fg_share), "saturation": np.asarray(sat_mean)}
+
+
+class BiasedShapesReward(Reward):
+    """The verifier's partial credit plus a small bonus for a nuisance statistic: a stand-in
+    for a learned scorer with an exploitable bias (the reward-hacking study, docs/pref-grpo.md).
+
+    score = partial + bias * statistic, statistic = object size (share of the image covered)
+    or colour saturation, both in [0, 1]."""
+
+    kind = "pointwise"
+
+    def __init__(self, bias: float = 0.1, statistic: str = "size"):
+        if statistic not in ("size", "saturation"):
+            raise ValueError(f"statistic must be 'size' or 'saturation', got {statistic!r}")
+        self.bias, self.statistic = bias, statistic
+        self.name = "shapes_biased"
+        self._verifier = ShapesVerifierReward("partial")
+
+    def __call__(self, images, prompts, metadata=None, group_ids=None) -> RewardOutput:
+        base = self._verifier(images, prompts, metadata)
+        stat = image_statistics(images)[self.statistic]
+        return RewardOutput(base.scores + self.bias * stat, {**base.components, self.statistic: stat})
+
+
+@register("shapes_biased")
+def _biased(**kw):
+    return BiasedShapesReward(**kw)
