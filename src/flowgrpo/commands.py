@@ -33,7 +33,6 @@ def _pretrain(args) -> int:
 
 
 def _sample(args) -> int:
-    import numpy as np
     from PIL import Image
 
     from .data import load_prompts

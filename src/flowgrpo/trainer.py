@@ -221,7 +221,7 @@ class Trainer:
 
     # ---- 5: the update --------------------------------------------------------------------
     def update(self, batch: Batch, advantages: torch.Tensor, iteration: int) -> dict:
-        s, o = self.cfg.sample, self.cfg.optim
+        o = self.cfg.optim
         keep = torch.ones(len(advantages), dtype=torch.bool)
         if o.drop_zero_signal:
             for g in torch.unique(batch.group_ids):
@@ -370,7 +370,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
 
     from tqdm import tqdm
 
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import latest_checkpoint, load_checkpoint
     from .config import save_config, to_dict
     from .runlog import MetricsLogger, image_grid, plot_run, read_metrics
 

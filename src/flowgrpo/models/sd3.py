@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from dataclasses import dataclass, field
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .base import Condition, adapters_disabled
+from .base import Condition
+from .diffusers_policy import DiffusersPolicy
 
 # Attention projections of both MMDiT streams: the Flow-GRPO reference's LoRA targets.
 SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -61,28 +61,18 @@ def load_pipeline(pipeline_cls, model: str, dtype: torch.dtype, **kwargs):
                              f"(offline? download it first with `huggingface-cli download {model}`)") from exc
 
 
-class SD3Policy:
+class SD3Policy(DiffusersPolicy):
     """A `StableDiffusion3Pipeline` as a GRPO policy: true CFG with negative prompt ""."""
 
     lora_targets = SD3_LORA_TARGETS
 
     def __init__(self, pipe, max_sequence_length: int = 256, device: str | torch.device = "cpu",
                  shift: float | None = None, encoder=None, defaults: dict | None = None):
-        self.pipe = pipe
-        self.device = torch.device(device)
-        self.dtype = pipe.transformer.dtype
+        self._init_common(pipe, device, (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
         self.max_sequence_length = max_sequence_length
         self.shift = shift  # None: the scheduler's own shift (3.0 for SD3.5)
         self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
         self.defaults = defaults or {}
-        self.transformer = pipe.transformer
-        self.forward_module: torch.nn.Module = self.transformer  # the trainer may swap in a DDP wrapper
-        self._reference_module: torch.nn.Module | None = None
-        self.lora: LoraSpec | None = None
-        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if m is not None:
-                m.requires_grad_(False).eval()
-        self.transformer.requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
@@ -111,42 +101,6 @@ class SD3Policy:
         if encoder is not None:
             encoder.check_dims(policy.condition_dims())
         return policy
-
-    # ---- training set-up -------------------------------------------------------------
-    def add_lora(self, spec: LoraSpec) -> None:
-        from peft import LoraConfig
-
-        self.lora = spec
-        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=spec.init,
-                         target_modules=spec.targets or self.lora_targets, lora_dropout=spec.dropout)
-        self.transformer.add_adapter(cfg)
-
-    def enable_full_finetune(self, keep_reference: bool) -> None:
-        if keep_reference:
-            self._reference_module = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-        self.transformer.requires_grad_(True)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-
-    @contextlib.contextmanager
-    def reference(self):
-        if self.lora is not None:
-            with adapters_disabled(self.transformer):
-                yield
-        elif self._reference_module is not None:
-            active = self.forward_module
-            self.forward_module = self._reference_module
-            try:
-                yield
-            finally:
-                self.forward_module = active
-        else:
-            raise RuntimeError("no reference model: full fine-tuning was set up without keep_reference "
-                               "(set train.kl_beta > 0 to keep one)")
 
     # ---- the protocol ----------------------------------------------------------------
     @torch.no_grad()
@@ -215,28 +169,3 @@ class SD3Policy:
         vae = self.pipe.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
-
-    def load_lora(self, folder: str | Path, scale: float = 1.0) -> None:
-        """Apply a saved LoRA (ours or any diffusers-format SD3 LoRA) for sampling."""
-        folder = Path(folder)
-        if not folder.exists():
-            raise ModelLoadError(f"LoRA folder {str(folder)!r} does not exist")
-        self.pipe.load_lora_weights(str(folder), adapter_name="loaded")
-        self.pipe.set_adapters(["loaded"], [scale])
-
-    # ---- saving ----------------------------------------------------------------------
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.transformer)
-
-    def save_trained(self, folder: str | Path) -> Path:
-        from diffusers import StableDiffusion3Pipeline
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.lora is not None:
-            StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=self.lora_state_dict())
-        else:
-            self.transformer.save_pretrained(folder / "transformer")
-        return folder

@@ -141,7 +141,6 @@ def split_records(held_out: Iterable[tuple[str, str]] = HELD_OUT_BINDINGS,
             "test": sorted(test, key=lambda r: order[r["prompt"]])}
 
 
-_NOUN = r"(?:an?|one|two|three|four)\s+(?:(red|green|blue|yellow)\s+)?([a-z]+)"
 _WORD_NUMBERS = {"a": 1, "an": 1, **{v: k for k, v in NUMBERS.items()}}
 _SINGULAR = {p: s for s, p in PLURALS.items()} | {s: s for s in CLASSES}
 
@@ -161,7 +160,7 @@ def parse_prompt(prompt: str) -> dict:
     if not text.startswith("a photo of "):
         raise GrammarError(f"prompt {prompt!r} is outside the shapes grammar: it must start with 'a photo of '")
     body = text[len("a photo of "):]
-    rel = re.fullmatch(rf"(.+?)\s+(left of|right of|above|below)\s+(.+)", body)
+    rel = re.fullmatch(r"(.+?)\s+(left of|right of|above|below)\s+(.+)", body)
     if rel:
         n1, c1, obj = _noun(rel.group(1), prompt)
         n2, c2, ref = _noun(rel.group(3), prompt)

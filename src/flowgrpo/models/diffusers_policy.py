@@ -1,0 +1,94 @@
+"""What every diffusers-pipeline policy shares: LoRA or full fine-tuning, the reference
+model for the KL term, and saving/loading adapters in diffusers' format. Backends
+(sd3.py, flux.py) add only what differs: prompt encoding, latent layout, sigmas, velocity."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+
+from .base import adapters_disabled
+
+
+class DiffusersPolicy:
+    lora_targets: list[str] = []
+
+    def _init_common(self, pipe, device, text_encoders) -> None:
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.transformer = pipe.transformer
+        self.dtype = self.transformer.dtype
+        self.forward_module: torch.nn.Module = self.transformer  # the trainer may swap in a DDP wrapper
+        self._reference_module: torch.nn.Module | None = None
+        self.lora = None
+        for m in (pipe.vae, *text_encoders):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self.transformer.requires_grad_(False)
+
+    # ---- training set-up -------------------------------------------------------------
+    def add_lora(self, spec) -> None:
+        from peft import LoraConfig
+
+        self.lora = spec
+        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=spec.init,
+                         target_modules=spec.targets or self.lora_targets, lora_dropout=spec.dropout)
+        self.transformer.add_adapter(cfg)
+
+    def enable_full_finetune(self, keep_reference: bool) -> None:
+        if keep_reference:
+            self._reference_module = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        self.transformer.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen base model: LoRA disabled, or the kept copy under full fine-tuning."""
+        if self.lora is not None:
+            with adapters_disabled(self.transformer):
+                yield
+        elif self._reference_module is not None:
+            active = self.forward_module
+            self.forward_module = self._reference_module
+            try:
+                yield
+            finally:
+                self.forward_module = active
+        else:
+            raise RuntimeError("no reference model: full fine-tuning was set up without keep_reference "
+                               "(set optim.kl_beta > 0 to keep one)")
+
+    # ---- adapters ----------------------------------------------------------------------
+    def load_lora(self, folder: str | Path, scale: float = 1.0) -> None:
+        """Apply a saved LoRA (ours or any diffusers-format LoRA for this pipeline) for sampling."""
+        from .sd3 import ModelLoadError
+
+        folder = Path(folder)
+        if not folder.exists():
+            raise ModelLoadError(f"LoRA folder {str(folder)!r} does not exist")
+        self.pipe.load_lora_weights(str(folder), adapter_name="loaded")
+        self.pipe.set_adapters(["loaded"], [scale])
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer)
+
+    def save_trained(self, folder: str | Path) -> Path:
+        """LoRA: `pytorch_lora_weights.safetensors` that the pipeline's load_lora_weights reads;
+        full fine-tuning: the transformer folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            type(self.pipe).save_lora_weights(folder, transformer_lora_layers=self.lora_state_dict())
+        else:
+            self.transformer.save_pretrained(folder / "transformer")
+        return folder
