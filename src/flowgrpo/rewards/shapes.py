@@ -30,6 +30,55 @@ class ShapesVerifierReward(Reward):
         return RewardOutput(strict if self.mode == "strict" else partial, {"strict": strict, "partial": partial})
 
 
+def shape_progress(detections, record: dict) -> float:
+    """How close the image is to having each wanted object, even before the verifier accepts
+    it: per include clause, the best IoU of any blob with that class's ideal shape (blobs of
+    the wanted colour count fully, others half), averaged over clauses."""
+    terms = []
+    for clause in record["include"]:
+        best = 0.0
+        for d in detections:
+            iou = dict(d.ious).get(clause["class"], 0.0)
+            if "color" in clause and d.color != clause["color"]:
+                iou *= 0.5
+            best = max(best, iou)
+        terms.append(best)
+    return float(np.mean(terms)) if terms else 0.0
+
+
+class DenseShapesReward(Reward):
+    """partial + `shape_weight` x shape_progress: the verifier's partial credit is zero for a
+    blob that is not yet recognisably a shape, so a weak model gets no signal there; the
+    progress term rewards blobs for getting closer to the wanted shape and colour."""
+
+    kind = "pointwise"
+    name = "shapes_dense"
+
+    def __init__(self, shape_weight: float = 0.5):
+        self.shape_weight = shape_weight
+
+    def __call__(self, images, prompts, metadata=None, group_ids=None) -> RewardOutput:
+        from ..worlds.shapes.verify import detect
+
+        images = as_uint8_images(images)
+        strict, partial, progress = [], [], []
+        for i, (img, prompt) in enumerate(zip(images, prompts)):
+            rec = metadata[i] if metadata and metadata[i] and "include" in metadata[i] else parse_prompt(prompt)
+            dets = detect(img)
+            v = score(img, rec, detections=dets)
+            strict.append(v.strict)
+            partial.append(v.partial)
+            progress.append(shape_progress(dets, rec))
+        strict, partial, progress = map(np.asarray, (strict, partial, progress))
+        return RewardOutput(partial + self.shape_weight * progress,
+                            {"strict": strict, "partial": partial, "shape_progress": progress})
+
+
+@register("shapes_dense")
+def _dense(**kw):
+    return DenseShapesReward(**kw)
+
+
 @register("shapes_strict")
 def _strict(**kw):
     return ShapesVerifierReward("strict", **kw)

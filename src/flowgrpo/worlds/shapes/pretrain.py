@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,13 @@ class PretrainConfig:
     ema_decay: float = 0.999  # the shipped weights are the EMA: sharper samples for a short run
     caption_dropout: float = 0.1  # empty prompt so classifier-free guidance works
     checkpoint_every: int = 500
+    log_every: int = 100
     eval_every: int = 1000
     eval_images_per_prompt: int = 2
     eval_guidance: float = 4.5
+    # Warm start from a saved pipeline folder (e.g. the shipped assets/shapes-sd3) instead of
+    # random weights: continue pretraining in a later session without the run's checkpoint.
+    init_from: Optional[str] = None
 
 
 def _tag_balanced_prompts(rng: np.random.Generator, n: int, records: list[dict]) -> list[dict]:
@@ -90,6 +95,8 @@ def _atomic_dir_swap(tmp: Path, final: Path) -> None:
 def train_vae(cfg: PretrainConfig, log) -> "torch.nn.Module":
     arch, work = cfg.arch, Path(cfg.work_dir)
     vae_dir = work / "vae"
+    if cfg.init_from:
+        vae_dir = Path(cfg.init_from) / "vae"
     if (vae_dir / "config.json").exists():
         from diffusers import AutoencoderKL
         log(f"vae: reusing {vae_dir}")
@@ -149,6 +156,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     encoders = [build_text_encoder(arch, tok, cfg.seed + 10), build_text_encoder(arch, tok, cfg.seed + 11)]
     torch.manual_seed(cfg.seed + 2)
     transformer = build_transformer(arch)
+    if cfg.init_from:
+        src = Path(cfg.init_from)
+        transformer.load_state_dict(load_file(src / "transformer" / "diffusion_pytorch_model.safetensors"))
+        for i, e in enumerate(encoders):
+            missing, unexpected = e.load_state_dict(
+                load_file(src / ("text_encoder" if i == 0 else "text_encoder_2") / "model.safetensors"), strict=False)
+            if unexpected or any("position_ids" not in k for k in missing):
+                raise ValueError(f"{src}: text encoder {i} does not match the architecture ({missing} {unexpected})")
+        log(f"initialised from {src}")
     ema = build_transformer(arch)
     ema.load_state_dict(transformer.state_dict())
     ema.requires_grad_(False)
@@ -197,9 +213,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 pe.lerp_(p, 1 - cfg.ema_decay)
         losses.append(loss.item())
         done = step + 1
-        if done % 100 == 0:
+        if done % cfg.log_every == 0:
             rate = (time.time() - t0) / len(losses)
-            log(f"dit step {done} loss {np.mean(losses[-100:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            log(f"dit step {done} loss {np.mean(losses[-cfg.log_every:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{rate:.2f}s/step eta {rate * (cfg.dit_steps - done) / 60:.0f}min")
         if done % cfg.checkpoint_every == 0 or done == cfg.dit_steps:
             tmp = work / "checkpoint.tmp"

@@ -36,6 +36,7 @@ class Detection:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
     area: int
     match: float  # IoU with the ideal shape of its class
+    ious: tuple[tuple[str, float], ...] = ()  # IoU with each class's ideal shape (for shaped rewards)
 
 
 def _hue_sat_val(img: np.ndarray):
@@ -70,16 +71,18 @@ def _templates(w: int, h: int) -> dict[str, np.ndarray]:
     return out
 
 
+def shape_ious(comp: np.ndarray) -> dict[str, float]:
+    """IoU of a component mask with each class's ideal shape drawn in its bounding box."""
+    h, w = comp.shape
+    return {cls: float((comp & tmpl).sum() / max(1, (comp | tmpl).sum())) for cls, tmpl in _templates(w, h).items()}
+
+
 def classify_shape(comp: np.ndarray) -> tuple[str, float]:
     """Best-matching class of a component mask by IoU with ideal shapes in its box."""
     h, w = comp.shape
     if not (0.6 <= w / max(h, 1) <= 1.67):
         return "unknown", 0.0
-    best, best_iou = "unknown", 0.0
-    for cls, tmpl in _templates(w, h).items():
-        iou = float((comp & tmpl).sum() / max(1, (comp | tmpl).sum()))
-        if iou > best_iou:
-            best, best_iou = cls, iou
+    best, best_iou = max(shape_ious(comp).items(), key=lambda kv: kv[1])
     return (best if best_iou >= 0.6 else "unknown"), best_iou
 
 
@@ -105,7 +108,7 @@ def detect(img: np.ndarray) -> list[Detection]:
                 continue
             cls, match = classify_shape(comp)
             box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
-            out.append(Detection(cls, color, box, area, match))
+            out.append(Detection(cls, color, box, area, match, tuple(shape_ious(comp).items())))
     out.sort(key=lambda d: -d.area)
     return out
 
