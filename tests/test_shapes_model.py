@@ -47,7 +47,7 @@ def test_folder_round_trip_gives_identical_samples(tiny_shapes_model, tmp_path):
 def test_training_encoder_and_policy_match_the_diffusers_pipeline(tiny_shapes_model):
     pipe = _load(tiny_shapes_model)
     prompts = ["a photo of a red circle", ""]
-    emb, pooled, _, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+    emb, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
                                            max_sequence_length=1)
     with torch.no_grad():
         mine, mine_pooled = encode_text([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],

@@ -15,6 +15,37 @@ from .base import adapters_disabled
 
 class DiffusersPolicy:
     lora_targets: list[str] = []
+    pipeline_class_name: str = ""  # the diffusers pipeline this backend wraps
+    default_max_sequence_length: int = 256
+
+    @classmethod
+    def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
+                        max_sequence_length: int | None = None, shift: float | None = None,
+                        embedding_cache: str | None = None, cpu_offload: bool = False, **kwargs):
+        """Load a hub id or diffusers folder. With `embedding_cache` (a `flowgrpo preprocess`
+        folder) the text encoders are not loaded at all."""
+        import diffusers
+
+        from .flux import place_pipeline
+        from .sd3 import load_pipeline, model_defaults
+
+        defaults = model_defaults(model)
+        encoder = None
+        if embedding_cache:
+            from .cache import TEXT_COMPONENTS, CachedEncoder
+
+            encoder = CachedEncoder(embedding_cache)
+            max_sequence_length = max_sequence_length or encoder.max_sequence_length
+            encoder.check(model, max_sequence_length)
+            kwargs.update({name: None for name in TEXT_COMPONENTS[cls.pipeline_class_name]})
+        msl = max_sequence_length or defaults.get("max_sequence_length", cls.default_max_sequence_length)
+        pipe = load_pipeline(getattr(diffusers, cls.pipeline_class_name), model, dtype, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        dev = place_pipeline(pipe, device, cpu_offload)
+        policy = cls(pipe, msl, dev, shift, encoder, defaults)
+        if encoder is not None:
+            encoder.check_dims(policy.condition_dims())
+        return policy
 
     def _init_common(self, pipe, device, text_encoders) -> None:
         self.pipe = pipe

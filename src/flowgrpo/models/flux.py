@@ -36,7 +36,7 @@ import torch
 
 from .base import Condition
 from .diffusers_policy import DiffusersPolicy
-from .sd3 import ModelLoadError, load_pipeline, model_defaults
+from .sd3 import ModelLoadError
 
 # The Flow-GRPO FLUX targets: the SD3 attention projections (which in FLUX also name the
 # single-stream blocks' q/k/v) plus both streams' feed-forward layers.
@@ -96,6 +96,8 @@ class FluxPolicy(DiffusersPolicy):
     """A `FluxPipeline` as a GRPO policy (layout, guidance and sigma rules in the module docstring)."""
 
     lora_targets = FLUX_LORA_TARGETS
+    pipeline_class_name = "FluxPipeline"
+    default_max_sequence_length = FLUX_SAMPLE_DEFAULTS["max_sequence_length"]
 
     def __init__(self, pipe, max_sequence_length: int = 512, device: str | torch.device = "cpu",
                  shift: float | None = None, encoder=None, defaults: dict | None = None):
@@ -104,32 +106,6 @@ class FluxPolicy(DiffusersPolicy):
         self.shift = shift
         self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
         self.defaults = {**FLUX_SAMPLE_DEFAULTS, "max_sequence_length": max_sequence_length, **(defaults or {})}
-
-    @classmethod
-    def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
-                        max_sequence_length: int | None = None, shift: float | None = None,
-                        embedding_cache: str | None = None, cpu_offload: bool = False, **kwargs) -> "FluxPolicy":
-        """Load a hub id or diffusers folder. With `embedding_cache` (a `flowgrpo preprocess`
-        folder) the text encoders are not loaded at all."""
-        from diffusers import FluxPipeline
-
-        defaults = model_defaults(model)
-        encoder = None
-        if embedding_cache:
-            from .cache import CachedEncoder, TEXT_COMPONENTS
-
-            encoder = CachedEncoder(embedding_cache)
-            max_sequence_length = max_sequence_length or encoder.max_sequence_length
-            encoder.check(model, max_sequence_length)
-            kwargs.update({name: None for name in TEXT_COMPONENTS["FluxPipeline"]})
-        msl = max_sequence_length or defaults.get("max_sequence_length", FLUX_SAMPLE_DEFAULTS["max_sequence_length"])
-        pipe = load_pipeline(FluxPipeline, model, dtype, **kwargs)
-        pipe.set_progress_bar_config(disable=True)
-        dev = place_pipeline(pipe, device, cpu_offload)
-        policy = cls(pipe, msl, dev, shift, encoder, defaults)
-        if encoder is not None:
-            encoder.check_dims(policy.condition_dims())
-        return policy
 
     # ---- the protocol ----------------------------------------------------------------
     @property

@@ -65,6 +65,8 @@ class SD3Policy(DiffusersPolicy):
     """A `StableDiffusion3Pipeline` as a GRPO policy: true CFG with negative prompt ""."""
 
     lora_targets = SD3_LORA_TARGETS
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    default_max_sequence_length = 256
 
     def __init__(self, pipe, max_sequence_length: int = 256, device: str | torch.device = "cpu",
                  shift: float | None = None, encoder=None, defaults: dict | None = None):
@@ -73,34 +75,6 @@ class SD3Policy(DiffusersPolicy):
         self.shift = shift  # None: the scheduler's own shift (3.0 for SD3.5)
         self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
         self.defaults = defaults or {}
-
-    @classmethod
-    def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
-                        max_sequence_length: int | None = None, shift: float | None = None,
-                        embedding_cache: str | None = None, cpu_offload: bool = False, **kwargs) -> "SD3Policy":
-        """Load a hub id or diffusers folder. With `embedding_cache` (a `flowgrpo preprocess`
-        folder) the three text encoders are not loaded."""
-        from diffusers import StableDiffusion3Pipeline
-
-        from .flux import place_pipeline
-
-        defaults = model_defaults(model)
-        encoder = None
-        if embedding_cache:
-            from .cache import TEXT_COMPONENTS, CachedEncoder
-
-            encoder = CachedEncoder(embedding_cache)
-            max_sequence_length = max_sequence_length or encoder.max_sequence_length
-            encoder.check(model, max_sequence_length)
-            kwargs.update({name: None for name in TEXT_COMPONENTS["StableDiffusion3Pipeline"]})
-        pipe = load_pipeline(StableDiffusion3Pipeline, model, dtype, **kwargs)
-        pipe.set_progress_bar_config(disable=True)
-        dev = place_pipeline(pipe, device, cpu_offload)
-        msl = max_sequence_length or defaults.get("max_sequence_length", 256)
-        policy = cls(pipe, msl, dev, shift, encoder, defaults)
-        if encoder is not None:
-            encoder.check_dims(policy.condition_dims())
-        return policy
 
     # ---- the protocol ----------------------------------------------------------------
     @torch.no_grad()
