@@ -38,7 +38,9 @@ def model_defaults(model: str) -> dict:
 
 def check_model_path(model: str) -> None:
     p = Path(model)
-    looks_local = model.startswith((".", "/", "~")) or p.exists() or model.count("/") != 1
+    # "org/name" is a hub id unless its first part is a local folder (e.g. assets/shapes-sd3)
+    looks_local = (model.startswith((".", "/", "~")) or p.exists() or model.count("/") != 1
+                   or Path(p.parts[0]).is_dir())
     if looks_local and not (p / "model_index.json").is_file():
         if not p.exists():
             raise ModelLoadError(f"model folder {model!r} does not exist; pass a diffusers folder or a hub id "
