@@ -34,6 +34,23 @@ def load_prompts(source: str, tags: list[str] | None = None) -> list[dict]:
     return items
 
 
+def read_jsonl_prompts(path: Path, text: str | None = None) -> list[dict]:
+    """The objects of a JSONL prompt file, each with a string "prompt" (GenEval's schema fits)."""
+    text = path.read_text(encoding="utf-8") if text is None else text
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise PromptFileError(f"{path}:{n}: each line needs a string field 'prompt'")
+        records.append(obj)
+    return records
+
+
 def _load_file(path: Path) -> list[dict]:
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist (give a .txt, .jsonl or .csv file, "
@@ -45,16 +62,7 @@ def _load_file(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     items: list[dict] = []
     if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PromptFileError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise PromptFileError(f"{path}:{n}: each line needs a string field 'prompt'")
-            items.append({"prompt": obj["prompt"], "metadata": obj})
+        items = [{"prompt": obj["prompt"], "metadata": obj} for obj in read_jsonl_prompts(path, text)]
     elif suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         if not rows:

@@ -14,6 +14,7 @@ model or reward by name: both come from the config through registries.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -253,7 +254,7 @@ class Trainer:
                         # DeepSpeed runs its optimizer step inside backward whenever gradients sync:
                         # let them sync only at the last backward before our optimizer step.
                         self.acc.gradient_state._set_sync_gradients(sync)
-                        with (self.acc.no_sync(model) if not sync else _null()):
+                        with (self.acc.no_sync(model) if not sync else contextlib.nullcontext()):
                             loss, st = self._loss_at(batch, idx, w, t, advantages[idx])
                             self.acc.backward(loss / (len(steps) * len(chunk)))
                         if epoch == 0 and ci == 0:
@@ -324,14 +325,6 @@ class Trainer:
         return (not d_phase), d_phase
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def timed(fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -347,7 +340,7 @@ def evaluate(trainer: Trainer, tag: str) -> dict:
     items = trainer.test_items
     if not items or not all("include" in it["metadata"] and "tag" in it["metadata"] for it in items):
         return {}
-    ctx = trainer.ema.swapped_in() if trainer.ema is not None else _null()
+    ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
     with ctx:
         table, images, recs = evaluate_policy(
             trainer.policy, [it["metadata"] for it in items], images_per_prompt=cfg.run.eval_images_per_prompt,
@@ -441,7 +434,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
                                       **{f"eval/{k}": v for k, v in table["per_tag"].items()}})
     if acc.is_main_process:
         ckpt = _save(trainer, trainer.step, summary)
-        ctx = trainer.ema.swapped_in() if trainer.ema is not None else _null()
+        ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
         with ctx:
             final = trainer.policy.save_trained(out_dir / "lora" if trainer.policy.lora else out_dir / "model")
         plot_run(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plot.png")

@@ -193,17 +193,15 @@ def _txt_lines(path: Path) -> list[str]:
 
 
 def _jsonl_records(path: Path) -> list[dict]:
-    recs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-            raise EvalError(f"{path}:{n}: each line must be a JSON object with a non-empty \"prompt\" string")
-        recs.append(rec)
+    from ..data import PromptFileError, read_jsonl_prompts
+
+    try:
+        recs = read_jsonl_prompts(path)
+    except PromptFileError as exc:
+        raise EvalError(str(exc)) from None
+    for n, rec in enumerate(recs, 1):
+        if not rec["prompt"].strip():
+            raise EvalError(f"{path}: record {n} has an empty \"prompt\"")
     return recs
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Condition, Policy, cat_conditions, index_condition, repeat_condition
+from .base import Condition, Policy, index_condition
 
 # pipeline class name -> "module:Class" of the policy that wraps it
 BACKENDS = {
@@ -50,4 +50,4 @@ def load_policy(model: str, backend: str | None = "auto", dtype: torch.dtype = t
     return policy_cls.from_pretrained(model, dtype=dtype, device=device, **kwargs)
 
 
-__all__ = ["BACKENDS", "Condition", "Policy", "cat_conditions", "index_condition", "load_policy", "repeat_condition"]
+__all__ = ["BACKENDS", "Condition", "Policy", "index_condition", "load_policy"]

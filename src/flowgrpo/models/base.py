@@ -20,14 +20,6 @@ def index_condition(cond: Condition, idx) -> Condition:
     return {k: v[idx] for k, v in cond.items()}
 
 
-def cat_conditions(conds: list[Condition]) -> Condition:
-    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-
-
-def repeat_condition(cond: Condition, n: int) -> Condition:
-    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
-
-
 @runtime_checkable
 class Policy(Protocol):
     """A text-to-image flow model that GRPO can sample from and train."""
