@@ -128,3 +128,18 @@ def test_two_processes_match_one(tiny_shapes_model, tmp_path):
     assert a.keys() == b.keys() and len(a) == 6
     for k in a:
         assert abs(a[k] - b[k]) < 1e-6, (k, a[k], b[k])
+
+
+def test_balanced_tags_draw_every_tag_equally(tiny_shapes_model, tmp_path):
+    from collections import Counter
+
+    from flowgrpo.trainer import Trainer
+
+    cfg = make_cfg(tiny_shapes_model, tmp_path, extra=["data.balance_tags=true", "sample.prompts_per_step=8"])
+    trainer = Trainer(cfg)
+    tags = Counter(item["metadata"]["tag"] for it in range(150) for item in trainer.draw_prompts(it))
+    assert len(tags) == 6
+    shares = np.array(list(tags.values())) / sum(tags.values())
+    # unbalanced, color_attr alone would take 38 of 80 training prompts (48%)
+    assert shares.max() < 0.22 and shares.min() > 0.12
+    assert trainer.draw_prompts(7) == trainer.draw_prompts(7)  # a function of (seed, iteration): resumable

@@ -38,6 +38,9 @@ class DataConfig:
     test: Optional[str] = "shapes:test"  # held-out prompts for evaluation (empty: no evaluation)
     train_tags: list[str] = field(default_factory=list)  # keep only these GenEval tags (empty: all)
     test_tags: list[str] = field(default_factory=list)  # evaluate only these tags (empty: all)
+    # draw a tag uniformly, then a prompt of it: GenEval's overall is a mean over tags, so a
+    # tag with 3 training prompts matters as much as one with 38
+    balance_tags: bool = False
 
 
 @dataclass

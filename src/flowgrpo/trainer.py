@@ -106,7 +106,15 @@ class Trainer:
     # ---- 1-2: prompts and rollouts ------------------------------------------------------
     def draw_prompts(self, iteration: int) -> list[dict]:
         g = derived_generator(self.cfg.run.seed, iteration, 1)
-        idx = torch.randint(len(self.train_items), (self.cfg.sample.prompts_per_step,), generator=g)
+        n = self.cfg.sample.prompts_per_step
+        if self.cfg.data.balance_tags:
+            by_tag: dict[str, list[dict]] = {}
+            for item in self.train_items:
+                by_tag.setdefault(item["metadata"].get("tag", ""), []).append(item)
+            tags = sorted(by_tag)
+            picks = torch.randint(len(tags), (n,), generator=g).tolist()
+            return [by_tag[tags[t]][int(torch.randint(len(by_tag[tags[t]]), (1,), generator=g))] for t in picks]
+        idx = torch.randint(len(self.train_items), (n,), generator=g)
         return [self.train_items[i] for i in idx.tolist()]
 
     def draw_window(self, iteration: int) -> tuple[int, int] | None:
