@@ -1,3 +1,4 @@
+import json
 import re
 import subprocess
 import sys
@@ -97,3 +98,15 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.returncode == 2 and "outside the shapes grammar" in res.stderr and "Traceback" not in res.stderr
     res = _cli("train", str(ROOT / "configs" / "demo.yaml"), "optim.lrr=1")
     assert res.returncode == 2 and "optim.lrr" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_eval_shapes_tag_filter(tmp_path):
+    model = str(ROOT / "assets" / "shapes-sd3")
+    res = _cli("eval", "shapes", "--model", model, "--tags", "colour", "--n", "1")
+    assert res.returncode == 2 and "have tags ['colour']" in res.stderr and "Traceback" not in res.stderr
+    out = tmp_path / "table.json"
+    res = _cli("eval", "shapes", "--model", model, "--prompts", "shapes:train", "--tags", "single_object",
+               "--n", "1", "--steps", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    table = json.loads(out.read_text())
+    assert set(table["per_tag"]) == {"single_object"} and table["n_images"] == 3

@@ -13,7 +13,7 @@ def _shapes(args) -> int:
     from ..worlds.shapes.grammar import validate_record
     from .shapes import evaluate_policy, format_table, write_json
 
-    items = load_prompts(args.prompts)
+    items = load_prompts(args.prompts, args.tags)
     records = [validate_record(it["metadata"]) if it["metadata"].get("include") else None for it in items]
     if any(r is None for r in records):
         from ..worlds.shapes.grammar import parse_prompt
@@ -41,6 +41,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="assets/shapes-sd3")
     p.add_argument("--lora", default=None)
     p.add_argument("--prompts", default="shapes:test", help="shapes:test, shapes:train or a GenEval-schema jsonl")
+    p.add_argument("--tags", nargs="*", default=None, help="keep only prompts with these GenEval tags")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None)
