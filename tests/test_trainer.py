@@ -143,3 +143,16 @@ def test_balanced_tags_draw_every_tag_equally(tiny_shapes_model, tmp_path):
     # unbalanced, color_attr alone would take 38 of 80 training prompts (48%)
     assert shares.max() < 0.22 and shares.min() > 0.12
     assert trainer.draw_prompts(7) == trainer.draw_prompts(7)  # a function of (seed, iteration): resumable
+
+
+def test_gradient_agreement_script(tiny_shapes_model, tmp_path):
+    """scripts/gradient_agreement.py: gradients of independent batches for fixed prompts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gradient_agreement", ROOT / "scripts" / "gradient_agreement.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = make_cfg(tiny_shapes_model, tmp_path, extra=["optim.kl_beta=0.0"])
+    res = mod.measure(cfg, repeats=3, prompt_seed=0)
+    assert -1.0 <= res["cosine_min"] <= res["cosine_mean"] <= 1.0
+    assert res["grad_norm"] > 0 and res["mean_grad_norm"] <= res["grad_norm"] + 1e-12
