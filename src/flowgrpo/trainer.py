@@ -98,6 +98,10 @@ class Trainer:
                         for name in cfg.reward.weights}
         self.train_items = load_prompts(cfg.data.train, list(cfg.data.train_tags))
         self.test_items = load_prompts(cfg.data.test, list(cfg.data.test_tags)) if cfg.data.test else []
+        by_tag: dict[str, list[dict]] = {}
+        for item in self.train_items:
+            by_tag.setdefault(item["metadata"].get("tag", ""), []).append(item)
+        self.items_by_tag = [by_tag[t] for t in sorted(by_tag)]  # for data.balance_tags
         self.resolution = s.resolution or self.policy.default_resolution()
         self.negative = self.policy.encode_prompts([""]) if s.guidance != 1.0 else None
         self._cond_cache: dict[str, dict] = {}
@@ -108,12 +112,9 @@ class Trainer:
         g = derived_generator(self.cfg.run.seed, iteration, 1)
         n = self.cfg.sample.prompts_per_step
         if self.cfg.data.balance_tags:
-            by_tag: dict[str, list[dict]] = {}
-            for item in self.train_items:
-                by_tag.setdefault(item["metadata"].get("tag", ""), []).append(item)
-            tags = sorted(by_tag)
-            picks = torch.randint(len(tags), (n,), generator=g).tolist()
-            return [by_tag[tags[t]][int(torch.randint(len(by_tag[tags[t]]), (1,), generator=g))] for t in picks]
+            groups = self.items_by_tag
+            picks = torch.randint(len(groups), (n,), generator=g).tolist()
+            return [groups[t][int(torch.randint(len(groups[t]), (1,), generator=g))] for t in picks]
         idx = torch.randint(len(self.train_items), (n,), generator=g)
         return [self.train_items[i] for i in idx.tolist()]
 
