@@ -32,7 +32,12 @@ def batch_gradient(trainer: Trainer, items: list[dict], seed: int) -> tuple[torc
     trainer.draw_prompts = lambda iteration: items
     batch = trainer.sample(seed)
     adv, stats = trainer.score(batch)
-    steps = [int(t) for t in torch.nonzero(batch.sde_steps).flatten()]
+    if trainer.cfg.optim.policy_loss == "awm":
+        steps = list(range(trainer.cfg.optim.awm_timesteps))
+        trainer._awm_draws = {k: trainer._awm_noise(batch, seed, k) for k in steps}
+        trainer._awm_old = None
+    else:
+        steps = [int(t) for t in torch.nonzero(batch.sde_steps).flatten()]
     trainer.optimizer.zero_grad(set_to_none=True)
     n = len(adv)
     w = torch.ones(n)
@@ -75,7 +80,7 @@ def main() -> None:
     ap.add_argument("--prompt-seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="one variant: overrides separated by ';'")
     ap.add_argument("overrides", nargs="*", help="overrides applied to every variant")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     variants = args.set or [""]
     for v in variants:
         extra = [x for x in v.split(";") if x]

@@ -82,6 +82,11 @@ class OptimConfig:
     adv_eps: float = 1e-4  # added to the std so near-flat groups do not explode
     adv_clip: float = 5.0  # clamp advantages to +-adv_clip (reference: 5)
     drop_zero_signal: bool = True  # skip groups whose rewards are all equal (no gradient, saves time)
+    # ratio: Flow-GRPO, the clipped ratio of the SDE steps' Gaussian log-probs. awm: Advantage
+    # Weighted Matching (arXiv 2509.25050), the same clipped loss with the flow-matching loss of
+    # the final sample as log-prob surrogate: it credits the whole image, not one step's noise
+    policy_loss: str = "ratio"
+    awm_timesteps: int = 2  # awm: noise levels (logit-normal, as pretraining) drawn per sample and update
     timestep_mode: str = "first"  # first: the first fraction of SDE steps; random: a random subset
     timestep_fraction: float = 0.99  # 0.99 of 10 steps -> 9 (the last, nearly clean, step is skipped)
     inner_epochs: int = 1  # passes over each batch of rollouts
@@ -126,8 +131,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .sampling import KINDS
 
     s, o, r = cfg.sample, cfg.optim, cfg.reward
-    if s.kind not in KINDS or s.kind == "ode":
-        raise ConfigError(f"sample.kind must be 'flow_sde' or 'cps' (training needs a stochastic step), got {s.kind!r}")
+    if s.kind not in KINDS or (s.kind == "ode" and o.policy_loss != "awm"):
+        raise ConfigError(f"sample.kind must be 'flow_sde' or 'cps' (the ratio loss needs stochastic steps; "
+                          f"'ode' only with optim.policy_loss=awm), got {s.kind!r}")
     if s.group_size < 2:
         raise ConfigError("sample.group_size must be >= 2: advantages are relative to the group")
     if s.window_size and not (len(s.window_start_range) == 2 and
@@ -137,6 +143,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"must fit in sample.num_steps {s.num_steps}")
     if o.adv_std not in ("group", "global"):
         raise ConfigError(f"optim.adv_std must be 'group' or 'global', got {o.adv_std!r}")
+    if o.policy_loss not in ("ratio", "awm"):
+        raise ConfigError(f"optim.policy_loss must be 'ratio' or 'awm', got {o.policy_loss!r}")
+    if o.policy_loss == "awm" and o.awm_timesteps < 1:
+        raise ConfigError(f"optim.awm_timesteps must be >= 1 with policy_loss awm, got {o.awm_timesteps}")
     if o.timestep_mode not in ("first", "random"):
         raise ConfigError(f"optim.timestep_mode must be 'first' or 'random', got {o.timestep_mode!r}")
     if r.mix not in ("reward", "advantage"):

@@ -245,8 +245,13 @@ class Trainer:
         # Every process runs the same number of backward passes (DDP), padding with weight 0.
         order = kept.tolist() + [0] * (n_mb * o.train_batch_size - len(kept))
         weights = torch.tensor([1.0] * len(kept) + [0.0] * (len(order) - len(kept)))
-        steps = select_timesteps(batch.sde_steps, o.timestep_mode, o.timestep_fraction,
-                                 derived_generator(self.cfg.run.seed, iteration, 5))
+        if o.policy_loss == "awm":  # "steps" are then draws of (noise level, noise) per sample
+            steps = list(range(o.awm_timesteps))
+            self._awm_draws = {k: self._awm_noise(batch, iteration, k) for k in steps}
+            self._awm_old = self._awm_old_logps(batch, steps) if o.inner_epochs > 1 or o.optimizer_steps > 1 else None
+        else:
+            steps = select_timesteps(batch.sde_steps, o.timestep_mode, o.timestep_fraction,
+                                     derived_generator(self.cfg.run.seed, iteration, 5))
         chunks = np.array_split(np.arange(n_mb), min(o.optimizer_steps, n_mb))
         agg: dict[str, list[float]] = {"policy_loss": [], "kl": [], "clip_fraction": [], "approx_kl": []}
         first_dev = 0.0
@@ -284,8 +289,53 @@ class Trainer:
         out["train/timesteps"] = len(steps)
         return out
 
+    def _awm_noise(self, batch: Batch, iteration: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image (sigma, noise) for AWM draw k, from the image's global index: resume-exact
+        and the same whichever process holds the image."""
+        sig, eps = [], []
+        for gi in batch.global_index.tolist():
+            g = derived_generator(self.cfg.run.seed, iteration, 6, gi, k)
+            sig.append(torch.sigmoid(torch.randn((), generator=g)))  # logit-normal, as SD3 pretraining
+            eps.append(torch.randn(batch.latents.shape[2:], generator=g))
+        return torch.stack(sig), torch.stack(eps)
+
+    def _awm_logp(self, batch: Batch, idx, k: int, reference: bool = False):
+        """The AWM log-prob surrogate -||v(x_sigma) - (eps - x0)||^2 (mean over C, H, W) of the
+        final samples x0, and the velocity (for the KL term)."""
+        s = self.cfg.sample
+        sig, eps = self._awm_draws[k]
+        x0 = batch.latents[idx, -1]
+        sig_i, eps_i = sig[idx].to(x0.device), eps[idx].to(x0.device)
+        x_t = (1 - sig_i.view(-1, 1, 1, 1)) * x0 + sig_i.view(-1, 1, 1, 1) * eps_i
+        cond = index_condition(batch.cond, idx)
+        neg = None
+        if self.negative is not None:
+            neg = {kk: v.expand(len(idx), *v.shape[1:]) for kk, v in self.negative.items()}
+        ctx = self.policy.reference() if reference else contextlib.nullcontext()
+        with ctx:
+            v = self.policy.velocity(x_t, sig_i, cond, neg, s.guidance).float()
+        err = (v - (eps_i - x0).float()) ** 2
+        return -err.mean(dim=tuple(range(1, err.ndim))), v
+
+    @torch.no_grad()
+    def _awm_old_logps(self, batch: Batch, steps: list[int]) -> dict[int, torch.Tensor]:
+        """Surrogate log-probs before the update, needed when one batch gets several optimizer steps."""
+        idx = torch.arange(len(batch.latents))
+        return {k: torch.cat([self._awm_logp(batch, idx[lo:lo + self.cfg.optim.train_batch_size], k)[0]
+                              for lo in range(0, len(idx), self.cfg.optim.train_batch_size)]) for k in steps}
+
     def _loss_at(self, batch: Batch, idx, weights, t: int, adv):
         s, o = self.cfg.sample, self.cfg.optim
+        if o.policy_loss == "awm":
+            logp, v = self._awm_logp(batch, idx, t)
+            old = self._awm_old[t][idx] if self._awm_old is not None else logp.detach()
+            kl = None
+            if o.kl_beta > 0:
+                with torch.no_grad():
+                    _, v_ref = self._awm_logp(batch, idx, t, reference=True)
+                kl = ((v - v_ref) ** 2).mean(dim=tuple(range(1, v.ndim)))
+            return grpo_loss(logp, old.to(logp.device), adv.to(logp.device), o.clip_range, kl, o.kl_beta,
+                             weights.to(logp.device))
         x, x_next = batch.latents[idx, t], batch.latents[idx, t + 1]
         cond = index_condition(batch.cond, idx)
         neg = None
