@@ -64,6 +64,9 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
+        # AWM's per-update draws {k: (sigma, noise)} and pre-update surrogates, set by update()
+        self._awm_draws: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._awm_old: dict[int, torch.Tensor] | None = None
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.acc = accelerator or Accelerator()
@@ -289,6 +292,12 @@ class Trainer:
         out["train/timesteps"] = len(steps)
         return out
 
+    def _negative_for(self, n: int) -> dict | None:
+        """The unconditional embedding broadcast to n samples (None when CFG is off)."""
+        if self.negative is None:
+            return None
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self.negative.items()}
+
     def _awm_noise(self, batch: Batch, iteration: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image (sigma, noise) for AWM draw k, from the image's global index: resume-exact
         and the same whichever process holds the image."""
@@ -307,13 +316,10 @@ class Trainer:
         x0 = batch.latents[idx, -1]
         sig_i, eps_i = sig[idx].to(x0.device), eps[idx].to(x0.device)
         x_t = (1 - sig_i.view(-1, 1, 1, 1)) * x0 + sig_i.view(-1, 1, 1, 1) * eps_i
-        cond = index_condition(batch.cond, idx)
-        neg = None
-        if self.negative is not None:
-            neg = {kk: v.expand(len(idx), *v.shape[1:]) for kk, v in self.negative.items()}
         ctx = self.policy.reference() if reference else contextlib.nullcontext()
         with ctx:
-            v = self.policy.velocity(x_t, sig_i, cond, neg, s.guidance).float()
+            v = self.policy.velocity(x_t, sig_i, index_condition(batch.cond, idx), self._negative_for(len(idx)),
+                                     s.guidance).float()
         err = (v - (eps_i - x0).float()) ** 2
         return -err.mean(dim=tuple(range(1, err.ndim))), v
 
@@ -338,9 +344,7 @@ class Trainer:
                              weights.to(logp.device))
         x, x_next = batch.latents[idx, t], batch.latents[idx, t + 1]
         cond = index_condition(batch.cond, idx)
-        neg = None
-        if self.negative is not None:
-            neg = {k: v.expand(len(idx), *v.shape[1:]) for k, v in self.negative.items()}
+        neg = self._negative_for(len(idx))
         v = self.policy.velocity(x, batch.sigmas[t], cond, neg, s.guidance)
         out = sde_step(v, x, batch.sigmas[t], batch.sigmas[t + 1], noise_level=s.noise_level, kind=s.kind,
                        prev_sample=x_next)
