@@ -35,12 +35,7 @@ def batch_gradient(trainer: Trainer, items: list[dict], seed: int) -> tuple[torc
     trainer.draw_prompts = lambda iteration: items
     batch = trainer.sample(seed)
     adv, stats = trainer.score(batch)
-    if trainer.cfg.optim.policy_loss == "awm":
-        steps = list(range(trainer.cfg.optim.awm_timesteps))
-        trainer._awm_draws = {k: trainer._awm_noise(batch, seed, k) for k in steps}
-        trainer._awm_old = None
-    else:
-        steps = [int(t) for t in torch.nonzero(batch.sde_steps).flatten()]
+    steps = trainer.loss_steps(batch, seed)  # what the trainer's update would train on
     trainer.optimizer.zero_grad(set_to_none=True)
     n = len(adv)
     w = torch.ones(n)

@@ -248,13 +248,7 @@ class Trainer:
         # Every process runs the same number of backward passes (DDP), padding with weight 0.
         order = kept.tolist() + [0] * (n_mb * o.train_batch_size - len(kept))
         weights = torch.tensor([1.0] * len(kept) + [0.0] * (len(order) - len(kept)))
-        if o.policy_loss == "awm":  # "steps" are then draws of (noise level, noise) per sample
-            steps = list(range(o.awm_timesteps))
-            self._awm_draws = {k: self._awm_noise(batch, iteration, k) for k in steps}
-            self._awm_old = self._awm_old_logps(batch, steps) if o.inner_epochs > 1 or o.optimizer_steps > 1 else None
-        else:
-            steps = select_timesteps(batch.sde_steps, o.timestep_mode, o.timestep_fraction,
-                                     derived_generator(self.cfg.run.seed, iteration, 5))
+        steps = self.loss_steps(batch, iteration)
         chunks = np.array_split(np.arange(n_mb), min(o.optimizer_steps, n_mb))
         agg: dict[str, list[float]] = {"policy_loss": [], "kl": [], "clip_fraction": [], "approx_kl": []}
         first_dev = 0.0
@@ -291,6 +285,19 @@ class Trainer:
         out["train/kept_share"] = float(counts.sum()) / self.global_batch
         out["train/timesteps"] = len(steps)
         return out
+
+    def loss_steps(self, batch: Batch, iteration: int) -> list[int]:
+        """What `_loss_at` iterates over: the trained SDE steps, or for AWM the indices of its
+        per-sample (noise level, noise) draws, which this prepares."""
+        o = self.cfg.optim
+        if o.policy_loss == "awm":
+            steps = list(range(o.awm_timesteps))
+            self._awm_draws = {k: self._awm_noise(batch, iteration, k) for k in steps}
+            several = o.inner_epochs > 1 or o.optimizer_steps > 1
+            self._awm_old = self._awm_old_logps(batch, steps) if several else None
+            return steps
+        return select_timesteps(batch.sde_steps, o.timestep_mode, o.timestep_fraction,
+                                derived_generator(self.cfg.run.seed, iteration, 5))
 
     def _negative_for(self, n: int) -> dict | None:
         """The unconditional embedding broadcast to n samples (None when CFG is off)."""
