@@ -101,7 +101,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "sd3", "flux"],
                    help="auto: from model_index.json (hub ids: 'flux' in the name picks FLUX)")
     p.add_argument("--lora", default=None, help="LoRA folder (diffusers format)")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiple of the trained strength (1 = as trained)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompt file: txt, jsonl or csv")
     p.add_argument("--n", type=int, default=4, help="images per prompt")

@@ -67,8 +67,8 @@ def _resolve_transformer(folder: Path) -> Path:
 def export_model(model: str, out: str | Path, *, lora: str | None = None, transformer: str | None = None,
                  merge_lora: bool = False, lora_scale: float = 1.0, dtype: str = "bfloat16") -> Path:
     """Write a diffusers folder: the base pipeline with the trained transformer swapped in, or
-    with the LoRA fused into its weights (W + scale * (alpha / r) B A, computed in float32,
-    then cast to `dtype`). Without `merge_lora` the LoRA is copied beside it, unfused, to
+    with the LoRA fused into its weights (W + scale * B A, computed in float32, then cast to
+    `dtype`; the saved B already carries the trained alpha / r, so scale 1 is the trained model). Without `merge_lora` the LoRA is copied beside it, unfused, to
     `out/lora` (load it with `pipe.load_lora_weights(out / "lora")`)."""
     import torch
     from diffusers import DiffusionPipeline
@@ -144,6 +144,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transformer", help="full fine-tune folder (RUN/model) instead of a LoRA")
     p.add_argument("--out", required=True, help="new, empty output folder")
     p.add_argument("--merge-lora", action="store_true", help="fuse the LoRA into the weights (else copied to OUT/lora)")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiple of the trained strength (1 = as trained)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the saved weights")
     p.set_defaults(func=_export)

@@ -121,7 +121,7 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
                    help="unigenbench, geneval, ocr, shapes, or a prompt FILE (.txt, .jsonl, .csv)")
     g.add_argument("--model", required=True, help="hub id or diffusers folder (SD3/SD3.5, FLUX.1, shapes)")
     g.add_argument("--lora", default=None, help="a trained LoRA folder to apply")
-    g.add_argument("--lora-scale", type=float, default=1.0)
+    g.add_argument("--lora-scale", type=float, default=1.0, help="multiple of the trained strength (1 = as trained)")
     g.add_argument("--out", required=True, help="run folder: images {key}_{j}.png and manifest.json")
     g.add_argument("--prompts", default=None, help="the named benchmark's file, if not under --data-dir")
     g.add_argument("--data-dir", default=None, help="folder holding unigenbench/, flow_grpo/ (default $FLOWGRPO_DATA)")

@@ -21,7 +21,7 @@ def _shapes(args) -> int:
         records = [r or parse_prompt(it["prompt"]) for r, it in zip(records, items)]
     policy = load_policy(args.model)
     if args.lora:
-        policy.load_lora(args.lora)
+        policy.load_lora(args.lora, args.lora_scale)
     defaults = model_defaults(args.model)
     size = args.size or defaults.get("resolution") or policy.default_resolution()
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 4.5)
@@ -39,7 +39,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     esub = ev.add_subparsers(dest="eval_command", required=True)
     p = esub.add_parser("shapes", help="per-tag verifier accuracy on shapes prompts")
     p.add_argument("--model", default="assets/shapes-sd3")
-    p.add_argument("--lora", default=None)
+    p.add_argument("--lora", default=None, help="a LoRA folder (a run's lora/ or a checkpoint's)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiple of the trained strength (1 = as trained)")
     p.add_argument("--prompts", default="shapes:test", help="shapes:test, shapes:train or a GenEval-schema jsonl")
     p.add_argument("--tags", nargs="*", default=None, help="keep only prompts with these GenEval tags")
     p.add_argument("--n", type=int, default=8, help="images per prompt")

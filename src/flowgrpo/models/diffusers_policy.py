@@ -99,7 +99,9 @@ class DiffusersPolicy:
 
     # ---- adapters ----------------------------------------------------------------------
     def load_lora(self, folder: str | Path, scale: float = 1.0) -> None:
-        """Apply a saved LoRA (ours or any diffusers-format LoRA for this pipeline) for sampling."""
+        """Apply a saved LoRA (ours or any diffusers-format LoRA for this pipeline) for sampling.
+        `scale` multiplies the strength the file holds: 1.0 is the trained model (flowgrpo folds
+        alpha / r into the saved weights)."""
         from .sd3 import ModelLoadError
 
         folder = Path(folder)
@@ -109,9 +111,24 @@ class DiffusersPolicy:
         self.pipe.set_adapters(["loaded"], [scale])
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter as it acts: each up-projection B multiplied by its layer's scaling
+        (alpha / r, or alpha / sqrt(r) with rsLoRA). A diffusers LoRA file carries no alpha,
+        and every loader (diffusers, flowgrpo, ComfyUI) then applies scale 1, so the file must
+        hold scaling * B for a plain `load_lora_weights` to reproduce the trained model."""
+        from peft.tuners.lora import LoraLayer
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.transformer)
+        state = dict(get_peft_model_state_dict(self.transformer))
+        for name, module in self.transformer.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for adapter, scaling in module.scaling.items():
+                if getattr(module, "lora_magnitude_vector", None) and adapter in module.lora_magnitude_vector:
+                    raise NotImplementedError("saving DoRA adapters is not supported: its scale cannot be folded")
+                key = f"{name}.lora_B.weight"
+                if key in state and scaling != 1.0:
+                    state[key] = state[key] * scaling
+        return state
 
     def save_trained(self, folder: str | Path) -> Path:
         """LoRA: `pytorch_lora_weights.safetensors` that the pipeline's load_lora_weights reads;
