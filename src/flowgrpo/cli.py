@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "flowgrpo.commands",  # train, pretrain, sample, bench
     "flowgrpo.model_commands",  # preprocess, export
     "flowgrpo.eval.commands",  # eval shapes | generate | score | report
+    "flowgrpo.eval.headroom",  # headroom
     "flowgrpo.rewards.server",  # serve-reward
     "flowgrpo.rewards.judge_server",  # serve-judge
     "flowgrpo.rewards.references",  # make-references
