@@ -147,6 +147,7 @@ RECIPES = {
 
 
 def tiny_recipe(name: str, model: Path, out: Path, prompts: Path, extra=()) -> TrainConfig:
+    recipe, rewards = RECIPES[name]
     return validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / recipe,
                                 recipe_overrides(name, model, out, prompts, [*rewards, *extra])))
 

@@ -79,6 +79,41 @@ def test_resume_equals_no_resume(tiny_shapes_model, tmp_path):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_prompt_encoding_does_not_depend_on_the_batch(tiny_shapes_model, tmp_path):
+    """Which prompts are cached (so were encoded together) differs after a resume: every prompt
+    is encoded alone, so its condition is the same whatever was encoded with it."""
+    from flowgrpo.trainer import Trainer
+
+    trainer = Trainer(make_cfg(tiny_shapes_model, tmp_path))
+    prompts = [it["prompt"] for it in trainer.train_items[:12]]
+    together = trainer.encode(prompts)
+    for i in (0, 5, 11):
+        alone = trainer.policy.encode_prompts([prompts[i]])
+        assert all(torch.equal(together[k][i], alone[k][0]) for k in alone)
+    fresh = Trainer(make_cfg(tiny_shapes_model, tmp_path))
+    later = fresh.encode(prompts[5:7])
+    assert all(torch.equal(together[k][5:7], later[k]) for k in later)
+
+
+def test_demo_resume_is_bit_exact(tmp_path):
+    """configs/demo.yaml on the shipped model, cut to 2 small iterations. Seed 2: iteration 1
+    draws a prompt of iteration 0 and a new one, so an uninterrupted run has the first cached
+    and a resumed one has not (batch-dependent encoding made these runs drift by ~1e-7)."""
+    over = ["optim.steps=2", "sample.prompts_per_step=2", "sample.group_size=4", "run.eval_before=false", "data.test=",
+            "run.tensorboard=false", "run.threads=1", "run.seed=2", f"model.path={ROOT / 'assets' / 'shapes-sd3'}"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(validate(load_config(TrainConfig, ROOT / "configs" / "demo.yaml", over + [f"run.output_dir={straight}"])))
+    cfg = validate(load_config(TrainConfig, ROOT / "configs" / "demo.yaml",
+                               over + [f"run.output_dir={split}", "run.save_every=1"]))
+    train(cfg, max_iterations=1)
+    train(cfg, resume=True)
+    a = load_file(straight / "checkpoints" / "ckpt-000002" / "trainable.safetensors")
+    b = load_file(split / "checkpoints" / "ckpt-000002" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="optim.lrr"):
         load_config(TrainConfig, None, ["optim.lrr=1"])
@@ -165,12 +200,13 @@ def test_awm_loss_is_advantage_weighted_flow_matching(tiny_shapes_model, tmp_pat
 
     cfg = make_cfg(tiny_shapes_model, tmp_path, extra=["optim.policy_loss=awm", "sample.kind=ode"])
     trainer = Trainer(cfg)
+    awm = trainer.objective  # algorithms/objectives/awm.py
     batch = trainer.sample(0)
-    trainer._awm_draws = {0: trainer._awm_noise(batch, 0, 0)}
+    awm.draws = {0: awm.noise(batch, 0, 0)}
     idx = torch.arange(3)
     with torch.no_grad():
-        logp, _ = trainer._awm_logp(batch, idx, 0)
-        sig, eps = trainer._awm_draws[0]
+        logp, _ = awm.logp(batch, idx, 0)
+        sig, eps = awm.draws[0]
         x0 = batch.latents[idx, -1]
         s = sig[idx].view(-1, 1, 1, 1)
         neg = {k: c.expand(3, *c.shape[1:]) for k, c in trainer.negative.items()}  # the tiny config uses CFG 2
@@ -180,8 +216,8 @@ def test_awm_loss_is_advantage_weighted_flow_matching(tiny_shapes_model, tmp_pat
     assert torch.allclose(logp, expected, atol=1e-6)
     assert ((sig > 0) & (sig < 1)).all()
     # the draws depend on the image's global index and the iteration only (resume-exact)
-    assert torch.equal(trainer._awm_noise(batch, 0, 0)[1], eps)
-    assert not torch.equal(trainer._awm_noise(batch, 1, 0)[1], eps)
+    assert torch.equal(awm.noise(batch, 0, 0)[1], eps)
+    assert not torch.equal(awm.noise(batch, 1, 0)[1], eps)
 
 
 def test_awm_trains_and_resumes_exactly(tiny_shapes_model, tmp_path):

@@ -49,7 +49,9 @@ class SampleConfig:
     num_steps: int = 10  # training rollouts are short (SD3.5 recipe: 10)
     guidance: float = 4.5  # CFG scale; 1.0 = CFG-free (no unconditional branch: half the compute)
     noise_level: float = 0.7  # a in sigma_t = a sqrt(sigma / (1 - sigma)); 0.7 SD3.5, 0.9 FLUX
-    kind: str = "flow_sde"  # flow_sde (Flow-GRPO) or cps (coefficients-preserving)
+    # flow_sde (Flow-GRPO) or cps (coefficients-preserving); ode (Euler, deterministic) only for
+    # objectives that do not use log-probs: awm, nft, reward_filtered, supervised
+    kind: str = "flow_sde"
     group_size: int = 8  # K images per prompt: the group advantages are normalised in
     prompts_per_step: int = 8  # groups per GRPO iteration, across all processes
     batch_size: int = 32  # images per forward pass per process while sampling
@@ -77,17 +79,41 @@ class OptimConfig:
     weight_decay: float = 1e-4  # the reference value; small, LoRA weights start at 0 anyway
     max_grad_norm: float = 1.0  # clip the gradient norm: a few huge advantages must not blow up a step
     clip_range: float = 1e-4  # epsilon of the clipped ratio (1e-5 for Fast)
-    kl_beta: float = 0.0  # KL to the reference (0.04 GenEval/OCR, 0.01 PickScore, 0 FLUX/Fast)
+    # KL to the reference (0.04 GenEval/OCR, 0.01 PickScore, 0 FLUX/Fast); awm, reward_filtered and
+    # supervised weigh mean (v - v_ref)^2 with it (nft has nft_kl_weight)
+    kl_beta: float = 0.0
     adv_std: str = "group"  # group | global (the SD3 recipes normalise by the batch std)
     adv_eps: float = 1e-4  # added to the std so near-flat groups do not explode
     adv_clip: float = 5.0  # clamp advantages to +-adv_clip (reference: 5)
     drop_zero_signal: bool = True  # skip groups whose rewards are all equal (no gradient, saves time)
-    # ratio: Flow-GRPO, the clipped ratio of the SDE steps' Gaussian log-probs. awm: Advantage
-    # Weighted Matching (arXiv 2509.25050), the same clipped loss with the flow-matching loss of
-    # the final sample as log-prob surrogate: it credits the whole image, not one step's noise
+    # The training objective (docs/objectives.md). ratio: Flow-GRPO, the clipped ratio of the SDE
+    # steps' Gaussian log-probs. awm: Advantage Weighted Matching (arXiv 2509.25050), the same
+    # clipped loss with the flow-matching loss of the final sample as log-prob surrogate: it
+    # credits the whole image, not one step's noise. nft: DiffusionNFT (arXiv 2509.16117).
+    # reward_filtered: flow matching on each group's best rollouts (RAFT-style). supervised:
+    # flow matching on renderer targets, a calibration tool
     policy_loss: str = "ratio"
     awm_timesteps: int = 2  # awm: noise levels (logit-normal, as pretraining) drawn per sample and update
-    timestep_mode: str = "first"  # first: the first fraction of SDE steps; random: a random subset
+    # nft, reward_filtered, supervised: noise levels t per sample and update, each with fresh noise:
+    # "rollout" = the sampler's own sigmas (timestep_mode/fraction pick them: 9 of 10, as DiffusionNFT),
+    # or a count such as "2" of logit-normal draws
+    fm_timesteps: str = "rollout"
+    nft_beta: float = 1.0  # nft: v+ = beta v + (1 - beta) v_old; 1 GenEval/PickScore, 0.1 OCR (smaller = stronger)
+    # nft: what the clipped advantage becomes before r = A / adv_clip / 2 + 0.5: all (itself),
+    # positive_only, negative_only, binary (its sign), one_only (1 if A > 0 else 0), as the official code
+    nft_adv_mode: str = "all"
+    nft_kl_weight: float = 1e-4  # nft: weight of mean (v - v_ref)^2, the official 1e-4 (0 = no reference forward)
+    # nft: theta_old <- d theta_old + (1 - d) theta after each iteration, "step" = optimizer steps
+    # so far. 0: d = nft_decay; 1: min(0.001 step, 0.5); 2: 0 for 75 steps, then min(0.0075 (step - 75), 0.999)
+    nft_decay_type: int = 1
+    nft_decay: float = 0.0  # nft, decay type 0: the constant d (0 = the old policy is the current one)
+    nft_decay_flat: Optional[int] = None  # nft, types 1/2: steps with d = 0 (None: the type's 0 / 75)
+    nft_decay_rate: Optional[float] = None  # nft, types 1/2: growth of d per step (None: 0.001 / 0.0075)
+    nft_decay_max: Optional[float] = None  # nft, types 1/2: cap of d (None: 0.5 / 0.999)
+    rf_select: str = "best"  # reward_filtered: best (one image a group, ties to the lowest index) / above_mean (A > 0)
+    rf_weighted: bool = False  # reward_filtered: weight selected samples by max(A, 0) instead of uniformly
+    sup_target: str = "auto"  # supervised: target provider (auto = the first whose renderer accepts the prompt)
+    timestep_mode: str = "first"  # first: the first fraction of SDE steps (fm_timesteps rollout: of all); random: some
     timestep_fraction: float = 0.99  # 0.99 of 10 steps -> 9 (the last, nearly clean, step is skipped)
     inner_epochs: int = 1  # passes over each batch of rollouts
     train_batch_size: int = 32  # samples per forward/backward per process
@@ -127,13 +153,22 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks OmegaConf cannot express; messages name the key."""
+    from .algorithms.objectives import OBJECTIVES
+    from .algorithms.objectives.nft import ADV_MODES
+    from .algorithms.objectives.reward_filtered import SELECT
+    from .algorithms.objectives.targets import PROVIDERS
     from .config import ConfigError
     from .sampling import KINDS
 
     s, o, r = cfg.sample, cfg.optim, cfg.reward
-    if s.kind not in KINDS or (s.kind == "ode" and o.policy_loss != "awm"):
-        raise ConfigError(f"sample.kind must be 'flow_sde' or 'cps' (the ratio loss needs stochastic steps; "
-                          f"'ode' only with optim.policy_loss=awm), got {s.kind!r}")
+    if o.policy_loss not in OBJECTIVES:
+        raise ConfigError(f"optim.policy_loss must be one of {', '.join(OBJECTIVES)}, got {o.policy_loss!r}")
+    if s.kind not in KINDS:
+        raise ConfigError(f"sample.kind must be one of {', '.join(KINDS)}, got {s.kind!r}")
+    if s.kind == "ode" and OBJECTIVES[o.policy_loss].needs_sde:
+        stoch = [n for n, c in OBJECTIVES.items() if not c.needs_sde]
+        raise ConfigError(f"sample.kind 'ode' with optim.policy_loss {o.policy_loss}: it needs stochastic steps "
+                          f"(flow_sde or cps); 'ode' works with {', '.join(stoch)}")
     if s.group_size < 2:
         raise ConfigError("sample.group_size must be >= 2: advantages are relative to the group")
     if s.window_size and not (len(s.window_start_range) == 2 and
@@ -143,10 +178,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"must fit in sample.num_steps {s.num_steps}")
     if o.adv_std not in ("group", "global"):
         raise ConfigError(f"optim.adv_std must be 'group' or 'global', got {o.adv_std!r}")
-    if o.policy_loss not in ("ratio", "awm"):
-        raise ConfigError(f"optim.policy_loss must be 'ratio' or 'awm', got {o.policy_loss!r}")
     if o.policy_loss == "awm" and o.awm_timesteps < 1:
         raise ConfigError(f"optim.awm_timesteps must be >= 1 with policy_loss awm, got {o.awm_timesteps}")
+    if o.fm_timesteps != "rollout" and not (o.fm_timesteps.isdigit() and int(o.fm_timesteps) >= 1):
+        raise ConfigError(f"optim.fm_timesteps must be 'rollout' or a count >= 1, got {o.fm_timesteps!r}")
+    if o.nft_beta <= 0:
+        raise ConfigError(f"optim.nft_beta must be > 0 (it divides the loss), got {o.nft_beta}")
+    if o.nft_adv_mode not in ADV_MODES:
+        raise ConfigError(f"optim.nft_adv_mode must be one of {', '.join(ADV_MODES)}, got {o.nft_adv_mode!r}")
+    if o.nft_kl_weight < 0:
+        raise ConfigError(f"optim.nft_kl_weight must be >= 0, got {o.nft_kl_weight}")
+    if o.nft_decay_type not in (0, 1, 2):
+        raise ConfigError(f"optim.nft_decay_type must be 0, 1 or 2, got {o.nft_decay_type}")
+    for key in ("nft_decay", "nft_decay_max"):
+        if getattr(o, key) is not None and not 0 <= getattr(o, key) <= 1:
+            raise ConfigError(f"optim.{key} must be in [0, 1], got {getattr(o, key)}")
+    if (o.nft_decay_rate or 0) < 0 or (o.nft_decay_flat or 0) < 0:
+        raise ConfigError("optim.nft_decay_rate and optim.nft_decay_flat must be >= 0")
+    if o.rf_select not in SELECT:
+        raise ConfigError(f"optim.rf_select must be one of {', '.join(SELECT)}, got {o.rf_select!r}")
+    if o.sup_target != "auto" and o.sup_target not in PROVIDERS:
+        raise ConfigError(f"optim.sup_target must be auto or one of {', '.join(PROVIDERS)}, got {o.sup_target!r}")
     if o.timestep_mode not in ("first", "random"):
         raise ConfigError(f"optim.timestep_mode must be 'first' or 'random', got {o.timestep_mode!r}")
     if r.mix not in ("reward", "advantage"):

@@ -6,10 +6,11 @@ One iteration:
   2. roll out with the SDE (or only inside a Fast window), keeping latents and log-probs;
   3. score with the configured rewards; gather scores from all processes;
   4. group-normalise into advantages on the gathered vector (identical everywhere);
-  5. recompute log-probs of the stored transitions and take clipped policy-gradient steps.
+  5. take the configured objective's steps (optim.policy_loss: algorithms/objectives/, e.g. the
+     clipped ratio of recomputed log-probs of the stored transitions).
 Randomness is derived from (seed, iteration, image index), never from a running generator,
 so a resumed run draws exactly what an uninterrupted one would. The trainer knows no
-model or reward by name: both come from the config through registries.
+model, reward or objective by name: they come from the config through registries.
 """
 
 from __future__ import annotations
@@ -23,23 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .algorithms import EMA, group_advantages, grpo_loss, kl_to_reference, mix_advantages, select_timesteps
+from .algorithms import EMA, group_advantages, mix_advantages
+from .algorithms.objectives import CHECKPOINT_NAME, Services, derived_generator, objective_class
 from .data import load_prompts
 from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
 from .rewards import as_uint8_images, make_reward
-from .sampling import initial_noise, rollout, sde_step
+from .sampling import initial_noise, rollout
 from .train_config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def derived_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from integers (seed, iteration, index, ...)."""
-    h = 0
-    for k in keys:
-        h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(h)
 
 
 @dataclass
@@ -57,6 +51,8 @@ class Batch:
     sigmas: torch.Tensor
     sde_steps: torch.Tensor
     rewards: dict[str, np.ndarray] = field(default_factory=dict)
+    all_advantages: torch.Tensor | None = None  # the gathered batch's advantages (set by score)
+    all_group_ids: torch.Tensor | None = None  # and its group ids
 
 
 class Trainer:
@@ -64,9 +60,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        # AWM's per-update draws {k: (sigma, noise)} and pre-update surrogates, set by update()
-        self._awm_draws: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._awm_old: dict[int, torch.Tensor] | None = None
+        objective_cls = objective_class(cfg.optim.policy_loss)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.acc = accelerator or Accelerator()
@@ -84,7 +78,7 @@ class Trainer:
             torch.manual_seed(cfg.run.seed)  # LoRA A is drawn at random: make it a function of the seed
             self.policy.add_lora(LoraSpec(m.lora.rank, m.lora.alpha, m.lora.init, list(m.lora.targets)))
         else:
-            self.policy.enable_full_finetune(keep_reference=cfg.optim.kl_beta > 0)
+            self.policy.enable_full_finetune(keep_reference=objective_cls.needs_reference(cfg))
         if m.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
         # Trained weights are kept in float32 even when the model runs in half precision.
@@ -108,6 +102,8 @@ class Trainer:
         self.resolution = s.resolution or self.policy.default_resolution()
         self.negative = self.policy.encode_prompts([""]) if s.guidance != 1.0 else None
         self._cond_cache: dict[str, dict] = {}
+        self.objective = objective_cls(cfg, self.policy, Services(
+            list(self.named_params.values()), self.velocity, cfg.run.seed, self.resolution, self.train_items))
         self.step = 0
 
     # ---- 1-2: prompts and rollouts ------------------------------------------------------
@@ -130,12 +126,13 @@ class Trainer:
         return start, s.window_size
 
     def encode(self, prompts: list[str]) -> dict:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
-        if missing:
-            enc = self.policy.encode_prompts(missing)
-            # kept on the CPU: a FLUX condition is 4 MB a prompt, a prompt set of thousands would fill the GPU
-            for i, p in enumerate(missing):
-                self._cond_cache[p] = {k: v[i].cpu() for k, v in enc.items()}
+        for p in dict.fromkeys(prompts):
+            if p not in self._cond_cache:
+                # each prompt alone: text encoders' kernels vary with the batch size in the last bits, and
+                # which prompts are cached (so batched together) differs after a resume
+                enc = self.policy.encode_prompts([p])
+                # kept on the CPU: a FLUX condition is 4 MB a prompt, a prompt set of thousands would fill the GPU
+                self._cond_cache[p] = {k: v[0].cpu() for k, v in enc.items()}
         return {k: torch.stack([self._cond_cache[p][k] for p in prompts]).to(self.acc.device)
                 for k in self._cond_cache[prompts[0]]}
 
@@ -152,20 +149,21 @@ class Trainer:
         shape = self.policy.latent_shape(self.resolution, self.resolution)
         lat, lps, imgs = [], [], []
         cond = self.encode(prompts)
-        for start in range(0, per_proc, s.batch_size):
-            sl = slice(start, min(per_proc, start + s.batch_size))
-            ids = gidx[sl].tolist()
-            # initial noise per image (or per group) and step noise per image, from their seeds
-            init_gens = [derived_generator(seed, iteration, 3, (i // s.group_size if s.same_noise_per_group else i))
-                         for i in ids]
-            init = initial_noise(shape, len(ids), init_gens)
-            traj = rollout(self.policy, index_condition(cond, sl), self.negative, num_steps=s.num_steps,
-                           guidance=s.guidance, noise_level=s.noise_level, kind=s.kind, height=self.resolution,
-                           width=self.resolution, generator=[derived_generator(seed, iteration, 4, i) for i in ids],
-                           window=window, init_latents=init)
-            lat.append(traj.latents)
-            lps.append(traj.log_probs)
-            imgs.append(as_uint8_images(traj.images))
+        with self.objective.sampling_context():  # e.g. NFT samples with its old weights
+            for start in range(0, per_proc, s.batch_size):
+                sl = slice(start, min(per_proc, start + s.batch_size))
+                ids = gidx[sl].tolist()
+                # initial noise per image (or per group) and step noise per image, from their seeds
+                init_gens = [derived_generator(seed, iteration, 3, (i // s.group_size if s.same_noise_per_group else i))
+                             for i in ids]
+                init = initial_noise(shape, len(ids), init_gens)
+                traj = rollout(self.policy, index_condition(cond, sl), self.negative, num_steps=s.num_steps,
+                               guidance=s.guidance, noise_level=s.noise_level, kind=s.kind, height=self.resolution,
+                               width=self.resolution, generator=[derived_generator(seed, iteration, 4, i) for i in ids],
+                               window=window, init_latents=init)
+                lat.append(traj.latents)
+                lps.append(traj.log_probs)
+                imgs.append(as_uint8_images(traj.images))
         return Batch(prompts, metadata, gidx, group_ids, cond, torch.cat(lat), torch.cat(lps), np.concatenate(imgs),
                      traj.sigmas, traj.sde_steps)
 
@@ -221,6 +219,7 @@ class Trainer:
             stats["adv/amplification"] = stats["adv/std"] / max(stats.get("reward/group_std", stats["reward/std"]), 1e-12)
         per_proc = self.global_batch // self.world
         mine = adv[self.rank * per_proc:(self.rank + 1) * per_proc]
+        batch.all_advantages, batch.all_group_ids = adv.float(), all_ids
         if self.cfg.run.dump_advantages:
             import json
 
@@ -234,9 +233,9 @@ class Trainer:
 
     # ---- 5: the update --------------------------------------------------------------------
     def update(self, batch: Batch, advantages: torch.Tensor, iteration: int) -> dict:
-        o = self.cfg.optim
+        o, objective = self.cfg.optim, self.objective
         keep = torch.ones(len(advantages), dtype=torch.bool)
-        if o.drop_zero_signal:
+        if o.drop_zero_signal and objective.uses_advantages:
             for g in torch.unique(batch.group_ids):
                 m = batch.group_ids == g
                 # decided on the gathered advantages: a group is flat on every process or on none
@@ -266,7 +265,7 @@ class Trainer:
                         # let them sync only at the last backward before our optimizer step.
                         self.acc.gradient_state._set_sync_gradients(sync)
                         with (self.acc.no_sync(model) if not sync else contextlib.nullcontext()):
-                            loss, st = self._loss_at(batch, idx, w, t, advantages[idx])
+                            loss, st = objective.loss(batch, idx, w, t, advantages[idx])
                             self.acc.backward(loss / (len(steps) * len(chunk)))
                         if epoch == 0 and ci == 0:
                             first_dev = max(first_dev, st.max_ratio_dev)
@@ -276,94 +275,32 @@ class Trainer:
                     self.acc.clip_grad_norm_(list(self.named_params.values()), o.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                objective.after_optimizer_step()
         self.acc.gradient_state._set_sync_gradients(True)
         model.eval()
         if self.ema is not None:
             self.ema.update(iteration + 1)
         out = {f"train/{k}": float(np.mean(v)) for k, v in agg.items() if v}
+        out.update({f"train/{k}": v for k, v in objective.after_iteration(iteration).items()})
         out["train/max_ratio_dev_first"] = first_dev
         out["train/kept_share"] = float(counts.sum()) / self.global_batch
         out["train/timesteps"] = len(steps)
         return out
 
-    def loss_steps(self, batch: Batch, iteration: int) -> list[int]:
-        """What `_loss_at` iterates over: the trained SDE steps, or for AWM the indices of its
-        per-sample (noise level, noise) draws, which this prepares."""
-        o = self.cfg.optim
-        if o.policy_loss == "awm":
-            steps = list(range(o.awm_timesteps))
-            self._awm_draws = {k: self._awm_noise(batch, iteration, k) for k in steps}
-            several = o.inner_epochs > 1 or o.optimizer_steps > 1
-            self._awm_old = self._awm_old_logps(batch, steps) if several else None
-            return steps
-        return select_timesteps(batch.sde_steps, o.timestep_mode, o.timestep_fraction,
-                                derived_generator(self.cfg.run.seed, iteration, 5))
+    def loss_steps(self, batch: Batch, iteration: int) -> list:
+        """What the objective's loss iterates over this iteration (it prepares its draws)."""
+        return self.objective.prepare(batch, iteration)
 
-    def _negative_for(self, n: int) -> dict | None:
-        """The unconditional embedding broadcast to n samples (None when CFG is off)."""
-        if self.negative is None:
-            return None
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self.negative.items()}
+    def _loss_at(self, batch: Batch, idx, weights, t, adv):
+        return self.objective.loss(batch, idx, weights, t, adv)
 
-    def _awm_noise(self, batch: Batch, iteration: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image (sigma, noise) for AWM draw k, from the image's global index: resume-exact
-        and the same whichever process holds the image."""
-        sig, eps = [], []
-        for gi in batch.global_index.tolist():
-            g = derived_generator(self.cfg.run.seed, iteration, 6, gi, k)
-            sig.append(torch.sigmoid(torch.randn((), generator=g)))  # logit-normal, as SD3 pretraining
-            eps.append(torch.randn(batch.latents.shape[2:], generator=g))
-        return torch.stack(sig), torch.stack(eps)
-
-    def _awm_logp(self, batch: Batch, idx, k: int, reference: bool = False):
-        """The AWM log-prob surrogate -||v(x_sigma) - (eps - x0)||^2 (mean over C, H, W) of the
-        final samples x0, and the velocity (for the KL term)."""
-        s = self.cfg.sample
-        sig, eps = self._awm_draws[k]
-        x0 = batch.latents[idx, -1]
-        sig_i, eps_i = sig[idx].to(x0.device), eps[idx].to(x0.device)
-        x_t = (1 - sig_i.view(-1, 1, 1, 1)) * x0 + sig_i.view(-1, 1, 1, 1) * eps_i
-        ctx = self.policy.reference() if reference else contextlib.nullcontext()
-        with ctx:
-            v = self.policy.velocity(x_t, sig_i, index_condition(batch.cond, idx), self._negative_for(len(idx)),
-                                     s.guidance).float()
-        err = (v - (eps_i - x0).float()) ** 2
-        return -err.mean(dim=tuple(range(1, err.ndim))), v
-
-    @torch.no_grad()
-    def _awm_old_logps(self, batch: Batch, steps: list[int]) -> dict[int, torch.Tensor]:
-        """Surrogate log-probs before the update, needed when one batch gets several optimizer steps."""
-        idx = torch.arange(len(batch.latents))
-        return {k: torch.cat([self._awm_logp(batch, idx[lo:lo + self.cfg.optim.train_batch_size], k)[0]
-                              for lo in range(0, len(idx), self.cfg.optim.train_batch_size)]) for k in steps}
-
-    def _loss_at(self, batch: Batch, idx, weights, t: int, adv):
-        s, o = self.cfg.sample, self.cfg.optim
-        if o.policy_loss == "awm":
-            logp, v = self._awm_logp(batch, idx, t)
-            old = self._awm_old[t][idx] if self._awm_old is not None else logp.detach()
-            kl = None
-            if o.kl_beta > 0:
-                with torch.no_grad():
-                    _, v_ref = self._awm_logp(batch, idx, t, reference=True)
-                kl = ((v - v_ref) ** 2).mean(dim=tuple(range(1, v.ndim)))
-            return grpo_loss(logp, old.to(logp.device), adv.to(logp.device), o.clip_range, kl, o.kl_beta,
-                             weights.to(logp.device))
-        x, x_next = batch.latents[idx, t], batch.latents[idx, t + 1]
-        cond = index_condition(batch.cond, idx)
-        neg = self._negative_for(len(idx))
-        v = self.policy.velocity(x, batch.sigmas[t], cond, neg, s.guidance)
-        out = sde_step(v, x, batch.sigmas[t], batch.sigmas[t + 1], noise_level=s.noise_level, kind=s.kind,
-                       prev_sample=x_next)
-        kl = None
-        if o.kl_beta > 0:
-            with torch.no_grad(), self.policy.reference():
-                v_ref = self.policy.velocity(x, batch.sigmas[t], cond, neg, s.guidance)
-            ref = sde_step(v_ref, x, batch.sigmas[t], batch.sigmas[t + 1], noise_level=s.noise_level,
-                           kind=s.kind, prev_sample=x_next)
-            kl = kl_to_reference(out.mean, ref.mean, out.std)
-        return grpo_loss(out.log_prob, batch.log_probs[idx, t], adv.to(out.log_prob.device), o.clip_range,
-                         kl, o.kl_beta, weights.to(out.log_prob.device))
+    def velocity(self, x: torch.Tensor, sigma, cond: dict, reference: bool = False) -> torch.Tensor:
+        """The velocity as the sampler uses it (CFG at sample.guidance); `reference`: the frozen model."""
+        neg = None
+        if self.negative is not None:  # the unconditional embedding broadcast to the batch
+            neg = {k: v.expand(len(x), *v.shape[1:]) for k, v in self.negative.items()}
+        with self.policy.reference() if reference else contextlib.nullcontext():
+            return self.policy.velocity(x, sigma, cond, neg, self.cfg.sample.guidance)
 
     # ---- adversarial rewards ---------------------------------------------------------------
     def update_discriminators(self, batch: Batch) -> dict:
@@ -447,7 +384,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
         state = load_checkpoint(ckpt, named_params=trainer.named_params, optimizer=trainer.optimizer,
-                                ema=trainer.ema, rewards=trainer.rewards)
+                                ema=trainer.ema, rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective})
         start, summary = state["step"], state.get("summary", {})
         trainer.step = start
     if acc.is_main_process:
@@ -531,6 +468,6 @@ def _save(trainer: Trainer, step: int, summary: dict):
         return None
     return save_checkpoint(trainer.cfg.run.output_dir, step, policy=trainer.policy,
                            named_params=trainer.named_params, optimizer=trainer.optimizer, ema=trainer.ema,
-                           rewards=trainer.rewards,
+                           rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective},
                            state={"summary": summary, "ema_updates": trainer.ema.num_updates if trainer.ema else 0},
                            keep_last=trainer.cfg.run.keep_last)

@@ -1,4 +1,5 @@
-"""GRPO: group-relative advantages and the clipped policy loss."""
+"""GRPO: group-relative advantages and the clipped policy loss. The training objectives the
+trainer dispatches to (optim.policy_loss) live in algorithms/objectives/, one module each."""
 
 from .advantages import AdvantageStats, group_advantages, group_ids_from_prompts, mix_advantages
 from .grpo import EMA, LossStats, grpo_loss, kl_to_reference, select_timesteps
