@@ -146,6 +146,7 @@ def test_reward_filtered_selection():
     assert torch.allclose(weighted, torch.tensor([1.0, 0, 1, 0, 0, 0, 0, 0, 0, 2, 0, 0], dtype=weighted.dtype))
     assert torch.equal(selection_weights(adv, ids, "best", weighted=True)[[0, 9]], torch.tensor([1.0, 2.0]).double())
     assert signal_count(adv, ids) == 8
+    assert torch.equal(selection_weights(adv, ids, "all"), torch.ones(12, dtype=torch.float64))  # the control
     with pytest.raises(ValueError, match="selection"):
         selection_weights(adv, ids, "worst")
 

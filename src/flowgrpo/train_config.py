@@ -16,7 +16,7 @@ class LoraConfig:
     enabled: bool = True  # False = full fine-tuning (keeps a frozen copy as reference when kl_beta > 0)
     rank: int = 32  # Flow-GRPO SD3.5: r 32
     alpha: int = 64  # scale alpha/rank = 2, as the reference
-    init: str = "gaussian"  # peft init_lora_weights; B = 0 either way, so step 0 is the base model
+    init: str = "gaussian"  # gaussian (A ~ N(0, 1/r), the reference) or kaiming (peft's default); B = 0 either way
     targets: list[str] = field(default_factory=list)  # empty: the backend's default (attention projections)
 
 
@@ -110,7 +110,7 @@ class OptimConfig:
     nft_decay_flat: Optional[int] = None  # nft, types 1/2: steps with d = 0 (None: the type's 0 / 75)
     nft_decay_rate: Optional[float] = None  # nft, types 1/2: growth of d per step (None: 0.001 / 0.0075)
     nft_decay_max: Optional[float] = None  # nft, types 1/2: cap of d (None: 0.5 / 0.999)
-    rf_select: str = "best"  # reward_filtered: best (one image a group, ties to the lowest index) / above_mean (A > 0)
+    rf_select: str = "best"  # reward_filtered: best (one image a group, ties to the lowest index) / above_mean (A > 0) / all (control)
     rf_weighted: bool = False  # reward_filtered: weight selected samples by max(A, 0) instead of uniformly
     sup_target: str = "auto"  # supervised: target provider (auto = the first whose renderer accepts the prompt)
     timestep_mode: str = "first"  # first: the first fraction of SDE steps (fm_timesteps rollout: of all); random: some

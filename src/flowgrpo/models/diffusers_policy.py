@@ -65,7 +65,9 @@ class DiffusersPolicy:
         from peft import LoraConfig
 
         self.lora = spec
-        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=spec.init,
+        # "kaiming" (or true) is peft's default init, Kaiming-uniform A; other names pass through
+        init = True if str(spec.init).lower() in ("kaiming", "true") else spec.init
+        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=init,
                          target_modules=spec.targets or self.lora_targets, lora_dropout=spec.dropout)
         self.transformer.add_adapter(cfg)
 

@@ -5,7 +5,8 @@ plain flow matching on the selected rollouts of each group.
 x0_i the rollout's final latent, x_t = (1 - t) x0 + t eps at fresh (t, eps). Selection s_i from
 the group's (gathered) advantages: rf_select best = the best image of each group (ties: the
 lowest index), above_mean = every image with A > 0; rf_weighted multiplies by max(A, 0).
-Groups whose advantages are all equal carry no ranking and select nothing.
+Groups whose advantages are all equal carry no ranking and select nothing. rf_select all is a
+control, not a method: every rollout the trainer keeps (self-training, no reward at all).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .base import ForwardObjective, masked_mean, per_sample_mean, stats
 
-SELECT = ("best", "above_mean")
+SELECT = ("best", "above_mean", "all")
 
 
 def selection_weights(adv: torch.Tensor, group_ids: torch.Tensor, select: str = "best",
@@ -23,6 +24,8 @@ def selection_weights(adv: torch.Tensor, group_ids: torch.Tensor, select: str = 
     if select not in SELECT:
         raise ValueError(f"reward_filtered selection must be one of {SELECT}, got {select!r}")
     adv = adv.double()
+    if select == "all":
+        return torch.ones_like(adv)
     sel = torch.zeros_like(adv)
     for g in torch.unique(group_ids):
         members = torch.nonzero(group_ids == g).flatten()
@@ -52,7 +55,7 @@ class RewardFilteredObjective(ForwardObjective):
         sel = selection_weights(batch.all_advantages, batch.all_group_ids, o.rf_select, o.rf_weighted)
         # scaled so the trainer's mean over the kept samples is the selection-weighted mean
         total = float(sel.sum())
-        if total > 0:
+        if total > 0 and o.rf_select != "all":
             sel = sel * (signal_count(batch.all_advantages, batch.all_group_ids) / total)
         self.selected = sel[batch.global_index].float()
         self.info = {"rf/selected_share": float((sel > 0).double().mean())}
