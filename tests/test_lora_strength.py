@@ -26,10 +26,10 @@ from flowgrpo.trainer import train
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]
 
 
-def trained_policy(model: Path, run: Path, rank: int, alpha: int, targets=(), **load_kw):
+def trained_policy(model: Path, run: Path, rank: int, alpha: int, targets=(), init="gaussian"):
     """The policy exactly as the trainer held it at the end of `run` (its final checkpoint)."""
-    policy = load_policy(str(model), **load_kw)
-    policy.add_lora(LoraSpec(rank, alpha, "gaussian", list(targets)))
+    policy = load_policy(str(model))
+    policy.add_lora(LoraSpec(rank, alpha, init, list(targets)))
     ckpt = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
     tensors = load_file(ckpt / "trainable.safetensors")
     params = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}

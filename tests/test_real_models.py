@@ -265,20 +265,12 @@ def test_saved_lora_reproduces_the_trained_policy(models, trained, name):
     """alpha 8 / rank 4: a plain `load_lora_weights`, with no scale, gives the velocities and
     images of the policy as the trainer held it (rebuilt from the final checkpoint's raw
     trained tensors), within 1e-6 in fp32."""
-    from flowgrpo.models.sd3 import LoraSpec
+    from test_lora_strength import trained_policy
 
     cfg = tiny_recipe(name, models[name], trained[name], write_prompts(trained[name].parent), [])
     lora = cfg.model.lora
     assert lora.alpha != lora.rank
-    policy = load_policy(str(models[name]))
-    policy.add_lora(LoraSpec(lora.rank, lora.alpha, lora.init, list(lora.targets)))
-    ckpt = sorted((trained[name] / "checkpoints").glob("ckpt-*"))[-1]
-    tensors = load_file(ckpt / "trainable.safetensors")
-    params = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
-    assert params.keys() == tensors.keys()
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
+    policy = trained_policy(models[name], trained[name], lora.rank, lora.alpha, lora.targets, lora.init)
     plain = load_policy(str(models[name]))
     plain.pipe.load_lora_weights(str(trained[name] / "lora"))  # diffusers' own call, no scale
 
