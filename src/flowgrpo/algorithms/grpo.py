@@ -81,6 +81,22 @@ def select_timesteps(sde_steps: torch.Tensor, mode: str, fraction: float, genera
     raise ValueError(f"timestep mode must be 'first' or 'random', got {mode!r}")
 
 
+@contextlib.contextmanager
+def swapped_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """Temporarily load `values` into `params` (LoRA or full weights alike): EMA weights for
+    evaluation, NFT's old policy for sampling."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v.to(p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+
+
 class EMA:
     """Exponential moving average of the trained parameters, updated every `every` steps."""
 
@@ -98,19 +114,9 @@ class EMA:
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach().float(), 1.0 - self.decay)
 
-    @contextlib.contextmanager
     def swapped_in(self):
         """Temporarily load the EMA weights into the model (for evaluation and saving)."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s.to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
+        return swapped_in(self.params, self.shadow)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"ema.{i}": s for i, s in enumerate(self.shadow)}

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from ...models import index_condition
-from ..grpo import LossStats, select_timesteps
+from ..grpo import LossStats, select_timesteps, swapped_in  # noqa: F401 (swapped_in: used by nft)
 
 # tags of derived_generator draws (the trainer uses 1-5 for prompts, windows, noise, timesteps)
 TAG_AWM, TAG_FLOW, TAG_TARGETS = 6, 7, 8
@@ -131,21 +131,6 @@ def noised(x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Te
     """x_t = (1 - t) x0 + t eps (rectified flow), t per sample."""
     t = sigma.view(-1, *([1] * (x0.ndim - 1)))
     return (1 - t) * x0 + t * eps
-
-
-@contextlib.contextmanager
-def swapped_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
-    """Temporarily load `values` into `params` (LoRA or full weights alike), as EMA.swapped_in."""
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v.to(p.dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
 
 
 class ForwardObjective(Objective):
