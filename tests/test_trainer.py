@@ -29,6 +29,15 @@ def make_cfg(model, out, steps=2, extra=()):
     return validate(load_config(TrainConfig, None, tiny_overrides(model, out, steps) + list(extra)))
 
 
+def assert_same_checkpoint(run_a: Path, run_b: Path, step: int, name: str = "trainable.safetensors") -> None:
+    """The file `name` of both runs' checkpoint at `step` holds the same tensors, bit for bit."""
+    a = load_file(run_a / "checkpoints" / f"ckpt-{step:06d}" / name)
+    b = load_file(run_b / "checkpoints" / f"ckpt-{step:06d}" / name)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_two_iterations_ratio_one_kl_zero_and_lora_changes(tiny_shapes_model, tmp_path):
     summary = train(make_cfg(tiny_shapes_model, tmp_path))
     rows = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "train/policy_loss" in m]
@@ -69,14 +78,8 @@ def test_resume_equals_no_resume(tiny_shapes_model, tmp_path):
     train(cfg, max_iterations=2)
     assert (split / "checkpoints" / "ckpt-000002" / "state.json").is_file()
     train(cfg, resume=True)
-    a = load_file(straight / "checkpoints" / "ckpt-000004" / "trainable.safetensors")
-    b = load_file(split / "checkpoints" / "ckpt-000004" / "trainable.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ea = load_file(straight / "checkpoints" / "ckpt-000004" / "ema.safetensors")
-    eb = load_file(split / "checkpoints" / "ckpt-000004" / "ema.safetensors")
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert_same_checkpoint(straight, split, 4)
+    assert_same_checkpoint(straight, split, 4, "ema.safetensors")
 
 
 def test_prompt_encoding_does_not_depend_on_the_batch(tiny_shapes_model, tmp_path):
@@ -107,11 +110,7 @@ def test_demo_resume_is_bit_exact(tmp_path):
                                over + [f"run.output_dir={split}", "run.save_every=1"]))
     train(cfg, max_iterations=1)
     train(cfg, resume=True)
-    a = load_file(straight / "checkpoints" / "ckpt-000002" / "trainable.safetensors")
-    b = load_file(split / "checkpoints" / "ckpt-000002" / "trainable.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_checkpoint(straight, split, 2)
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -235,9 +234,7 @@ def test_awm_trains_and_resumes_exactly(tiny_shapes_model, tmp_path):
     cfg = make_cfg(tiny_shapes_model, split, steps=4, extra=extra + ["run.save_every=2"])
     train(cfg, max_iterations=2)
     train(cfg, resume=True)
-    a = load_file(straight / "checkpoints" / "ckpt-000004" / "trainable.safetensors")
-    b = load_file(split / "checkpoints" / "ckpt-000004" / "trainable.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_checkpoint(straight, split, 4)
     with pytest.raises(ConfigError, match="policy_loss"):
         validate(load_config(TrainConfig, None, ["optim.policy_loss=dpo"]))
     with pytest.raises(ConfigError, match="sample.kind"):

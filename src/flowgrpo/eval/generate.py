@@ -60,7 +60,7 @@ def image_name(key: str, j: int) -> str:
     return f"{key}_{j}.png"
 
 
-def _sampling_defaults(policy, model: str) -> dict:
+def sampling_defaults(policy, model: str) -> dict:
     """Steps, guidance and resolution when not given: the model folder's flowgrpo_defaults.json
     (keys eval_steps, eval_guidance or guidance, resolution), else the published eval settings
     of its family."""
@@ -194,7 +194,7 @@ def generate(benchmark: str | Benchmark, model: str, lora: str | None = None, ou
             dlog.enable_progress_bar()
     if lora:
         policy.load_lora(lora, scale=lora_scale)
-    d = _sampling_defaults(policy, model)
+    d = sampling_defaults(policy, model)
     res = resolution or d["resolution"]
     settings = GenerateSettings(
         benchmark=bench.name, source=bench.source, model=str(model), lora=str(lora) if lora else None,

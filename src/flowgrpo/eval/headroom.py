@@ -308,7 +308,7 @@ def run(args) -> dict:
     from ..models import load_policy
     from ..models.sd3 import check_model_path
     from ..rewards import make_reward
-    from .generate import DTYPES, _sampling_defaults
+    from .generate import DTYPES, sampling_defaults
 
     # What can be checked before loading a model is checked first.
     if args.n < 1:
@@ -355,7 +355,7 @@ def run(args) -> dict:
             dlog.enable_progress_bar()
     if args.lora:
         policy.load_lora(args.lora, scale=args.lora_scale)
-    d = _sampling_defaults(policy, args.model)
+    d = sampling_defaults(policy, args.model)
     from ..models.sd3 import model_defaults
 
     steps = args.steps or int(model_defaults(args.model).get("eval_steps", 20))
