@@ -1,4 +1,4 @@
-"""Top-level commands: train, pretrain, sample, bench."""
+"""Top-level commands: train, pretrain, distill, sample, bench."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def _pretrain(args) -> int:
     from .worlds.shapes.pretrain import PretrainConfig, pretrain
 
     pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    return 0
+
+
+def _distill(args) -> int:
+    from .config import load_config
+    from .worlds.shapes.distill import DistillConfig, distill
+
+    distill(load_config(DistillConfig, args.config, args.overrides))
     return 0
 
 
@@ -95,6 +103,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("distill", help="guidance-distil the shapes base with alt-text caption noise (the RL-ready base)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_distill)
 
     p = sub.add_parser("sample", help="sample images from a model (and LoRA)")
     p.add_argument("--model", default="assets/shapes-sd3", help="hub id or diffusers folder")

@@ -16,7 +16,8 @@ import torch
 
 from ..rewards.base import as_uint8_images
 from ..sampling import rollout
-from ..worlds.shapes.verify import score
+from ..worlds.shapes.grammar import HELD_OUT_BINDINGS, bindings
+from ..worlds.shapes.verify import detect, score
 
 
 def image_seeds(n_prompts: int, per_prompt: int, seed: int) -> list[int]:
@@ -51,28 +52,46 @@ def sample_images(policy, prompts: list[str], seeds: list[int], *, steps: int, g
     return np.concatenate(out)
 
 
+UNSEEN = "unseen_bindings"  # the row of prompts binding a colour to a class never bound in training
+
+
 def accuracy_table(images: np.ndarray, records: list[dict]) -> dict:
-    """{"overall", "per_tag", "partial", "n_images", "strict"}: overall is the mean of the tags (GenEval)."""
+    """{"overall", "per_tag", "partial", "n_images", "recognised_objects", "strict", "tags"}.
+
+    overall is the mean of the tags (GenEval). Prompts that bind a colour to a class no
+    training prompt binds it to (the grammar's held-out bindings) are a composition test, not
+    a sample of the tag: they form their own row, `unseen_bindings`, outside the overall.
+    `recognised_objects` is the share of detected objects the verifier names as some shape.
+    """
     strict, partial, tags = [], [], []
+    n_objects = n_known = 0
+    held = set(HELD_OUT_BINDINGS)
     for img, rec in zip(images, records):
-        v = score(img, rec)
+        dets = detect(img)
+        n_objects += len(dets)
+        n_known += sum(d.cls != "unknown" for d in dets)
+        v = score(img, rec, dets)
         strict.append(v.strict)
         partial.append(v.partial)
-        tags.append(rec["tag"])
+        tags.append(UNSEEN if bindings(rec) & held else rec["tag"])
     per_tag = {t: float(np.mean([s for s, tt in zip(strict, tags) if tt == t])) for t in sorted(set(tags))}
-    return {"overall": float(np.mean(list(per_tag.values()))), "per_tag": per_tag,
-            "partial": float(np.mean(partial)), "n_images": len(records), "strict": strict, "tags": tags}
+    seen = [v for t, v in per_tag.items() if t != UNSEEN]
+    return {"overall": float(np.mean(seen)) if seen else float("nan"), "per_tag": per_tag,
+            "partial": float(np.mean(partial)), "n_images": len(records),
+            "recognised_objects": n_known / n_objects if n_objects else float("nan"),
+            "strict": strict, "tags": tags}
 
 
 def paired_difference_ci(before: list[float], after: list[float], tags: list[str]) -> tuple[float, float, float]:
-    """Difference of the tag-averaged accuracy (after - before) with a 95% CI.
+    """Difference of the tag-averaged accuracy (after - before) with a 95% CI (the overall's
+    tags: the unseen-bindings row is left out, as from the overall).
 
     Images are paired by seed, so the per-image difference d_i in {-1, 0, 1} is averaged
     per tag, and the tag means are averaged; the variance is the sum over tags of
     var(d within tag) / n_tag, divided by n_tags^2 (normal approximation).
     """
     b, a = np.asarray(before), np.asarray(after)
-    groups = sorted(set(tags))
+    groups = sorted(set(tags) - {UNSEEN})
     t = np.asarray(tags)
     means, var = [], 0.0
     for g in groups:
@@ -87,11 +106,16 @@ def paired_difference_ci(before: list[float], after: list[float], tags: list[str
 def format_table(results: dict[str, dict]) -> str:
     """Text table: one column per named result (e.g. before/after), one row per tag."""
     names = list(results)
-    tags = sorted({t for r in results.values() for t in r["per_tag"]})
+    tags = sorted({t for r in results.values() for t in r["per_tag"]} - {UNSEEN})
     lines = [f"{'tag':<15}" + "".join(f"{n:>10}" for n in names)]
     for t in tags:
         lines.append(f"{t:<15}" + "".join(f"{results[n]['per_tag'].get(t, float('nan')):>10.3f}" for n in names))
     lines.append(f"{'overall':<15}" + "".join(f"{results[n]['overall']:>10.3f}" for n in names))
+    if any(UNSEEN in r["per_tag"] for r in results.values()):
+        lines.append(f"{UNSEEN:<15}" + "".join(f"{results[n]['per_tag'].get(UNSEEN, float('nan')):>10.3f}"
+                                               for n in names) + "  (outside the overall)")
+    if all("recognised_objects" in r for r in results.values()):
+        lines.append(f"{'shapes named':<15}" + "".join(f"{results[n]['recognised_objects']:>10.3f}" for n in names))
     lines.append(f"{'images':<15}" + "".join(f"{results[n]['n_images']:>10d}" for n in names))
     return "\n".join(lines)
 
