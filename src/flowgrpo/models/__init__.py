@@ -1,4 +1,5 @@
-"""Model backends behind one protocol (base.Policy): SD3/SD3.5 (and the shapes model), FLUX.1.
+"""Model backends behind one protocol (base.Policy): SD3/SD3.5 (and the shapes model), FLUX.1,
+Qwen-Image and FLUX.2.
 
 `load_policy` picks the backend from the folder's `model_index.json` (or `backend=`), so the
 trainer never names a model.
@@ -17,8 +18,11 @@ from .base import Condition, Policy, index_condition
 BACKENDS = {
     "StableDiffusion3Pipeline": "flowgrpo.models.sd3:SD3Policy",
     "FluxPipeline": "flowgrpo.models.flux:FluxPolicy",
+    "QwenImagePipeline": "flowgrpo.models.qwen_image:QwenImagePolicy",
+    "Flux2Pipeline": "flowgrpo.models.flux2:Flux2Policy",
 }
-ALIASES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+ALIASES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "qwen_image": "QwenImagePipeline",
+           "flux2": "Flux2Pipeline"}
 
 
 def _backend_for(model: str, backend: str | None) -> str:
@@ -30,6 +34,10 @@ def _backend_for(model: str, backend: str | None) -> str:
     if index.is_file():
         return json.loads(index.read_text()).get("_class_name", "")
     lowered = model.lower()
+    if "qwen-image" in lowered or "qwen_image" in lowered:
+        return "QwenImagePipeline"
+    if "flux.2" in lowered or "flux2" in lowered:
+        return "Flux2Pipeline"
     if "flux" in lowered:
         return "FluxPipeline"
     return "StableDiffusion3Pipeline"

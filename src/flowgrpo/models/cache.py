@@ -40,8 +40,14 @@ TEXT_COMPONENTS = {
     "StableDiffusion3Pipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
                                  "tokenizer_3"),
     "FluxPipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "QwenImagePipeline": ("text_encoder", "tokenizer"),
+    "Flux2Pipeline": ("text_encoder", "tokenizer"),
 }
-DEFAULT_MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+DEFAULT_MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "QwenImagePipeline": 512,
+                               "Flux2Pipeline": 512}
+# Backends whose condition is built in their own module: pipeline -> "module:function(pipe, prompts, msl, device)"
+TEXT_ENCODE = {"QwenImagePipeline": "flowgrpo.models.qwen_image:encode_text",
+               "Flux2Pipeline": "flowgrpo.models.flux2:encode_text"}
 
 
 class EmbeddingCacheError(ModelLoadError):
@@ -55,6 +61,11 @@ def encode_text(pipe, prompts: list[str], max_sequence_length: int, device) -> C
     tokens; pooled = [CLIP-L ; CLIP-G] projections. FLUX: prompt_embeds = T5 tokens,
     pooled = CLIP-L pooled output."""
     name = type(pipe).__name__
+    if name in TEXT_ENCODE:
+        import importlib
+
+        mod_name, attr = TEXT_ENCODE[name].split(":")
+        return getattr(importlib.import_module(mod_name), attr)(pipe, prompts, max_sequence_length, device)
     if name.startswith("Flux"):
         emb, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                             max_sequence_length=max_sequence_length)
