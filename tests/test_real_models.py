@@ -393,7 +393,8 @@ def test_recipes_and_accelerate_configs_load():
         # the file's rewards replace the default ones instead of joining them
         assert cfg.reward.weights == dict(OmegaConf.load(path).reward.weights), path.name
         assert set(cfg.reward.weights) <= set(available_rewards()), path.name
-        assert _backend_for(cfg.model.path, cfg.model.backend) in ("StableDiffusion3Pipeline", "FluxPipeline")
+        assert _backend_for(cfg.model.path, cfg.model.backend) in ("StableDiffusion3Pipeline", "FluxPipeline",
+                                                                     "QwenImagePipeline", "Flux2Pipeline")
     flux = validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / "flux_dev_prefgrpo.yaml"))
     s = flux.sample
     assert (s.num_steps, s.noise_level, flux.model.shift, s.group_size, s.guidance) == (25, 0.7, 3.0, 8, 3.5)

@@ -111,7 +111,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("sample", help="sample images from a model (and LoRA)")
     p.add_argument("--model", default="assets/shapes-sd3", help="hub id or diffusers folder")
-    p.add_argument("--backend", default="auto", choices=["auto", "sd3", "flux"],
+    p.add_argument("--backend", default="auto", choices=["auto", "sd3", "flux", "qwen_image", "flux2"],
                    help="auto: from model_index.json (hub ids: 'flux' in the name picks FLUX)")
     p.add_argument("--lora", default=None, help="LoRA folder (diffusers format)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiple of the trained strength (1 = as trained)")

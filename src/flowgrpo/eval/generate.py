@@ -66,9 +66,13 @@ def sampling_defaults(policy, model: str) -> dict:
     of its family."""
     from ..models.sd3 import model_defaults
 
-    flux = "flux" in type(policy).__name__.lower()
-    # FLUX: Pref-GRPO's UniGenBench inference (1024 px, 30 steps, guidance 3.5); SD3.5: Flow-GRPO's eval.
+    flux = type(policy).__name__ == "FluxPolicy"
+    # FLUX.1: Pref-GRPO's UniGenBench inference (1024 px, 30 steps, guidance 3.5); SD3.5: Flow-GRPO's
+    # eval; newer backends (Qwen-Image, FLUX.2): their model cards' settings, from the policy.
     out = {"steps": 30 if flux else 40, "guidance": 3.5 if flux else 4.5}
+    if type(policy).__name__ not in ("FluxPolicy", "SD3Policy") and hasattr(policy, "sample_defaults"):
+        card = policy.sample_defaults()
+        out = {"steps": card.get("steps", out["steps"]), "guidance": card.get("guidance", out["guidance"])}
     res = policy.default_resolution() if hasattr(policy, "default_resolution") else (1024 if flux else 512)
     out["resolution"] = res
     d = model_defaults(model)
