@@ -116,6 +116,9 @@ def test_demo_resume_is_bit_exact(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="optim.lrr"):
         load_config(TrainConfig, None, ["optim.lrr=1"])
+    # 4 optimizer steps on one micro-batch used to be merged into one step without a word
+    with pytest.raises(ConfigError, match="optim.train_batch_size <= 16"):
+        validate(load_config(TrainConfig, ROOT / "configs" / "demo.yaml", ["optim.optimizer_steps=4"]))
     with pytest.raises(ConfigError, match="optim.steps"):
         load_config(TrainConfig, None, ["optim.steps=many"])
     bad = tmp_path / "bad.yaml"
@@ -125,9 +128,12 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="group_size"):
         validate(load_config(TrainConfig, None, ["sample.group_size=1"]))
     for cfg in sorted((ROOT / "configs").glob("*.yaml")):
-        if cfg.name.startswith("pretrain"):
+        if cfg.name.startswith(("pretrain", "distill")):
             continue
         validate(load_config(TrainConfig, cfg))
+    from flowgrpo.worlds.shapes.distill import DistillConfig
+
+    assert load_config(DistillConfig, ROOT / "configs" / "distill_shapes.yaml").color_noise == 0.5
 
 
 def _dumped(out: Path) -> dict[int, float]:

@@ -7,6 +7,8 @@ does not force otherwise.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -209,4 +211,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if (s.group_size * s.prompts_per_step) % max(1, o.optimizer_steps):
         raise ConfigError("optim.optimizer_steps must divide sample.group_size * sample.prompts_per_step")
+    micro = math.ceil(s.group_size * s.prompts_per_step / max(1, o.train_batch_size))
+    if o.optimizer_steps > micro:
+        # each optimizer step needs at least one micro-batch; more steps than micro-batches were silently merged
+        raise ConfigError(
+            f"optim.optimizer_steps={o.optimizer_steps} needs at least that many micro-batches, but "
+            f"{s.group_size * s.prompts_per_step} samples in batches of optim.train_batch_size={o.train_batch_size} "
+            f"make {micro}: set optim.train_batch_size <= {s.group_size * s.prompts_per_step // o.optimizer_steps}")
     return cfg
