@@ -224,16 +224,21 @@ def write_prompts(folder: Path, prompts=PROMPTS) -> Path:
     return path
 
 
-def tiny_recipe(name: str, model: Path, out: Path, prompts: Path, extra=()) -> TrainConfig:
-    """A GPU recipe shrunk to the tiny model: sizes and steps only; the algorithm stays the recipe's."""
-    recipe, rewards = RECIPES[name]
-    over = [f"model.path={model}", "model.dtype=float32", f"model.max_sequence_length={msl(name)}",
+def tiny_overrides(name: str, model: Path, out: Path, prompts: Path, extra=()) -> list[str]:
+    """Overrides that shrink a GPU recipe to the tiny model: sizes and steps only."""
+    rewards = RECIPES[name][1]
+    return [f"model.path={model}", "model.dtype=float32", f"model.max_sequence_length={msl(name)}",
             "model.embedding_cache=null", "model.lora.rank=4", "model.lora.alpha=8", "sample.resolution=16",
             "sample.num_steps=4", "sample.group_size=4", "sample.prompts_per_step=2", "sample.batch_size=8",
             "optim.train_batch_size=8", "optim.optimizer_steps=1", "optim.steps=2", "optim.lr=0.01",
             "optim.ema_decay=0", f"data.train={prompts}", "data.test=", f"run.output_dir={out}",
             "run.tensorboard=false", "run.save_every=0", "run.grid_every=0", *rewards, *extra]
-    return validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / recipe, over))
+
+
+def tiny_recipe(name: str, model: Path, out: Path, prompts: Path, extra=()) -> TrainConfig:
+    """A GPU recipe shrunk to the tiny model: sizes and steps only; the algorithm stays the recipe's."""
+    over = tiny_overrides(name, model, out, prompts, extra)
+    return validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / RECIPES[name][0], over))
 
 
 def preprocess(model: Path, prompts: Path, out: Path) -> Path:

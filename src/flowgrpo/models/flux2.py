@@ -26,7 +26,8 @@ which depends on the number of image tokens *and* the number of steps
 function). `shift` replaces it by the static rule s' = shift s / (1 + (shift - 1) s).
 
 Decode. De-normalise with the batch-norm statistics (z * sqrt(var + eps) + mean), undo the
-2x2 patchify, decode.
+2x2 patchify, decode. `encode_images` is the inverse, as the pipeline encodes reference images
+(the mode, patchify, (z - mean) / sqrt(var + eps)).
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def unpatchify(x: torch.Tensor) -> torch.Tensor:
     b, c4, h, w = x.shape
     x = x.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+def patchify(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `unpatchify`: (B, C, 2h, 2w) -> (B, 4C, h, w)."""
+    b, c, h2, w2 = x.shape
+    x = x.reshape(b, c, h2 // 2, 2, w2 // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, h2 // 2, w2 // 2)
 
 
 class Flux2Policy(DiffusersPolicy):
@@ -180,3 +188,12 @@ class Flux2Policy(DiffusersPolicy):
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
         z = unpatchify(z * std + mean)
         return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> patchified, normalised latents (B, 4C, H/2f, W/2f), the VAE's mode."""
+        vae = self.pipe.vae
+        z = patchify(vae.encode(images.to(self.device, vae.dtype)).latent_dist.mode())
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
+        return (z - mean) / std

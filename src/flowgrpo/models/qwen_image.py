@@ -28,7 +28,8 @@ exponential time shift, stretched to the terminal value 0.02), computed by the s
 itself; `shift` replaces it by the static rule as for FLUX.1.
 
 Decode. The VAE works on (B, C, 1, H, W); latents are de-normalised with the VAE config's
-per-channel latents_mean / latents_std (z * std + mean) before decoding.
+per-channel latents_mean / latents_std (z * std + mean) before decoding. `encode_images` is the
+inverse, as QwenImageImg2ImgPipeline encodes (the mode, (z - mean) / std).
 """
 
 from __future__ import annotations
@@ -167,3 +168,13 @@ class QwenImagePolicy(DiffusersPolicy):
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
         z = z / inv_std + mean  # as the pipeline writes it (z * std + mean up to rounding)
         return (vae.decode(z, return_dict=False)[0][:, :, 0].float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f), the VAE's mode."""
+        vae = self.pipe.vae
+        z = vae.encode(images.to(self.device, vae.dtype).unsqueeze(2)).latent_dist.mode()[:, :, 0]
+        shape = (1, vae.config.z_dim, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+        return (z - mean) * inv_std

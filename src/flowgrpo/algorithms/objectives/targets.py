@@ -43,6 +43,8 @@ class ShapesTargets:
 
         vae = policy.pipe.vae
         x = _to_tensor(np.array(image[None])).to(policy.device, vae.dtype)  # a writable copy
+        if hasattr(policy, "encode_images"):  # a latent layout of its own (Qwen-Image, FLUX.2)
+            return policy.encode_images(x).float()
         shift = vae.config.shift_factor or 0.0
         return ((vae.encode(x).latent_dist.mode() - shift) * vae.config.scaling_factor).float()
 
