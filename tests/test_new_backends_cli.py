@@ -96,13 +96,19 @@ def test_training_variants_through_the_cli(textless, tmp_path, name, variant):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_supervised_objective(textless, tmp_path, name):
+def test_supervised_objective(textless, tmp_path, name, capsys):
     """Supervised targets come from the shapes renderer: a prompt outside its grammar is refused
     at start-up with the prompt named; shapes prompts train, their renders encoded the way the
     pipeline encodes images (Qwen-Image: one-frame video VAE, latents mean/std; FLUX.2: 2x2
     patchify and batch-norm statistics)."""
-    with pytest.raises(ValueError, match="no target provider renders the prompt .a red circle"):
-        cli_train(name, textless, tmp_path / "bad", ["optim.policy_loss=supervised", "optim.steps=1"])
+    from flowgrpo.cli import main
+
+    model, cache, all_prompts = textless[name]
+    over = tiny_overrides(name, model, tmp_path / "bad", all_prompts,
+                          [f"model.embedding_cache={cache}", "optim.policy_loss=supervised", "optim.steps=1"])
+    assert main(["train", str(ROOT / "configs" / "recipes" / RECIPES[name][0]), *map(str, over)]) == 2
+    err = capsys.readouterr().err
+    assert "no target provider renders the prompt 'a red circle" in err and "Traceback" not in err
     shapes = write_prompts(tmp_path, SHAPES_PROMPTS)
     rows = cli_train(name, textless, tmp_path / "run", ["optim.policy_loss=supervised", "optim.steps=1",
                                                         "optim.kl_beta=0"], prompts=shapes)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...config import ConfigError
+
 
 class ShapesTargets:
     """The shapes world's renderer: a random scene satisfying the GenEval record (the metadata,
@@ -55,7 +57,7 @@ PROVIDERS = {"shapes": ShapesTargets()}
 def provider_for(prompt: str, metadata: dict | None, name: str = "auto"):
     """The provider named `name`, or with "auto" the first that renders this prompt."""
     if name != "auto" and name not in PROVIDERS:
-        raise ValueError(f"optim.sup_target: unknown target provider {name!r}; known: auto, {', '.join(PROVIDERS)}")
+        raise ConfigError(f"optim.sup_target: unknown target provider {name!r}; known: auto, {', '.join(PROVIDERS)}")
     candidates = list(PROVIDERS.values()) if name == "auto" else [PROVIDERS[name]]
     reasons = []
     for p in candidates:
@@ -63,6 +65,6 @@ def provider_for(prompt: str, metadata: dict | None, name: str = "auto"):
         if why is None:
             return p
         reasons.append(f"{p.name}: {why}")
-    raise ValueError(f"policy_loss supervised: no target provider renders the prompt {prompt!r} "
+    raise ConfigError(f"policy_loss supervised: no target provider renders the prompt {prompt!r} "
                      f"({'; '.join(reasons)}). Supervised targets exist only for prompts of a world with a "
                      f"renderer (e.g. data.train=shapes:train)")
