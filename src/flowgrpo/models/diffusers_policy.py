@@ -47,7 +47,17 @@ class DiffusersPolicy:
             encoder.check_dims(policy.condition_dims())
         return policy
 
-    def _init_common(self, pipe, device, text_encoders) -> None:
+    # the published sampling settings (resolution, guidance, steps, max_sequence_length); the
+    # folder's flowgrpo_defaults.json overrides them
+    published_defaults: dict = {}
+
+    def _init_common(self, pipe, device, text_encoders, max_sequence_length: int | None = None,
+                     shift: float | None = None, encoder=None, defaults: dict | None = None) -> None:
+        self.max_sequence_length = max_sequence_length
+        self.shift = shift  # None: the scheduler's own shift
+        self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
+        self.defaults = ({**self.published_defaults, "max_sequence_length": max_sequence_length, **(defaults or {})}
+                         if self.published_defaults else dict(defaults or {}))
         self.pipe = pipe
         self.device = torch.device(device)
         self.transformer = pipe.transformer
@@ -59,6 +69,26 @@ class DiffusersPolicy:
             if m is not None:
                 m.requires_grad_(False).eval()
         self.transformer.requires_grad_(False)
+
+    # ---- the protocol: what most backends share -------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def default_resolution(self) -> int:
+        return int(self.defaults["resolution"])
+
+    def sample_defaults(self) -> dict:
+        """resolution, guidance, steps and max_sequence_length for `flowgrpo sample`."""
+        return dict(self.defaults)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]):
+        if self.encoder is not None:
+            return self.encoder(prompts, device=self.device)
+        from .cache import encode_text
+
+        return encode_text(self.pipe, prompts, self.max_sequence_length, self.device)
 
     # ---- training set-up -------------------------------------------------------------
     def add_lora(self, spec) -> None:

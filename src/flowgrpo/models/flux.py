@@ -34,7 +34,6 @@ import copy
 import numpy as np
 import torch
 
-from .base import Condition
 from .diffusers_policy import DiffusersPolicy
 from .sd3 import ModelLoadError
 
@@ -98,43 +97,23 @@ class FluxPolicy(DiffusersPolicy):
     lora_targets = FLUX_LORA_TARGETS
     pipeline_class_name = "FluxPipeline"
     default_max_sequence_length = FLUX_SAMPLE_DEFAULTS["max_sequence_length"]
+    published_defaults = FLUX_SAMPLE_DEFAULTS
 
     def __init__(self, pipe, max_sequence_length: int = 512, device: str | torch.device = "cpu",
                  shift: float | None = None, encoder=None, defaults: dict | None = None):
-        self._init_common(pipe, device, (pipe.text_encoder, pipe.text_encoder_2))
-        self.max_sequence_length = max_sequence_length
-        self.shift = shift
-        self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
-        self.defaults = {**FLUX_SAMPLE_DEFAULTS, "max_sequence_length": max_sequence_length, **(defaults or {})}
+        self._init_common(pipe, device, (pipe.text_encoder, pipe.text_encoder_2), max_sequence_length, shift,
+                          encoder, defaults)
 
     # ---- the protocol ----------------------------------------------------------------
     @property
     def guidance_embeds(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-
-    def default_resolution(self) -> int:
-        return int(self.defaults["resolution"])
-
-    def sample_defaults(self) -> dict:
-        """resolution, guidance, steps and max_sequence_length for `flowgrpo sample`."""
-        return dict(self.defaults)
-
     def condition_dims(self) -> dict[str, int]:
         """Last dimension of each condition tensor the transformer accepts."""
         cfg = self.transformer.config
         return {"prompt_embeds": cfg.joint_attention_dim, "pooled_projections": cfg.pooled_projection_dim}
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Condition:
-        if self.encoder is not None:
-            return self.encoder(prompts, device=self.device)
-        from .cache import encode_text
-
-        return encode_text(self.pipe, prompts, self.max_sequence_length, self.device)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 packing

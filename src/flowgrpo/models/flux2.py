@@ -106,14 +106,11 @@ class Flux2Policy(DiffusersPolicy):
     lora_targets = FLUX2_LORA_TARGETS
     pipeline_class_name = "Flux2Pipeline"
     default_max_sequence_length = FLUX2_SAMPLE_DEFAULTS["max_sequence_length"]
+    published_defaults = FLUX2_SAMPLE_DEFAULTS
 
     def __init__(self, pipe, max_sequence_length: int = 512, device: str | torch.device = "cpu",
                  shift: float | None = None, encoder=None, defaults: dict | None = None):
-        self._init_common(pipe, device, (pipe.text_encoder,))
-        self.max_sequence_length = max_sequence_length
-        self.shift = shift
-        self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoder when set
-        self.defaults = {**FLUX2_SAMPLE_DEFAULTS, "max_sequence_length": max_sequence_length, **(defaults or {})}
+        self._init_common(pipe, device, (pipe.text_encoder,), max_sequence_length, shift, encoder, defaults)
 
     def add_lora(self, spec) -> None:
         """The default targets plus each single-stream block's output layer, named in full."""
@@ -125,25 +122,8 @@ class Flux2Policy(DiffusersPolicy):
         super().add_lora(spec)
 
     # ---- the protocol ----------------------------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-
-    def default_resolution(self) -> int:
-        return int(self.defaults["resolution"])
-
-    def sample_defaults(self) -> dict:
-        """resolution, guidance, steps and max_sequence_length for `flowgrpo sample`."""
-        return dict(self.defaults)
-
     def condition_dims(self) -> dict[str, int]:
         return {"prompt_embeds": self.transformer.config.joint_attention_dim}
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Condition:
-        if self.encoder is not None:
-            return self.encoder(prompts, device=self.device)
-        return encode_text(self.pipe, prompts, self.max_sequence_length, self.device)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor * 2  # the VAE's downsampling, then the 2x2 patchify

@@ -81,39 +81,23 @@ class QwenImagePolicy(DiffusersPolicy):
     lora_targets = QWEN_IMAGE_LORA_TARGETS
     pipeline_class_name = "QwenImagePipeline"
     default_max_sequence_length = QWEN_IMAGE_SAMPLE_DEFAULTS["max_sequence_length"]
+    published_defaults = QWEN_IMAGE_SAMPLE_DEFAULTS
 
     def __init__(self, pipe, max_sequence_length: int = 512, device: str | torch.device = "cpu",
                  shift: float | None = None, encoder=None, defaults: dict | None = None):
-        self._init_common(pipe, device, (pipe.text_encoder,))
+        self._init_common(pipe, device, (pipe.text_encoder,), max_sequence_length, shift, encoder, defaults)
         if self.transformer.config.guidance_embeds:
             raise ModelLoadError("this Qwen-Image transformer has a guidance embedding; flowgrpo's Qwen-Image "
                                  "backend supports the released (true-CFG) models only")
-        self.max_sequence_length = max_sequence_length
-        self.shift = shift
-        self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoder when set
-        self.defaults = {**QWEN_IMAGE_SAMPLE_DEFAULTS, "max_sequence_length": max_sequence_length, **(defaults or {})}
 
     # ---- the protocol ----------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** len(self.pipe.vae.temperal_downsample)
 
-    def default_resolution(self) -> int:
-        return int(self.defaults["resolution"])
-
-    def sample_defaults(self) -> dict:
-        """resolution, guidance (true_cfg_scale), steps and max_sequence_length for `flowgrpo sample`."""
-        return dict(self.defaults)
-
     def condition_dims(self) -> dict[str, int]:
         """Last dimension of each condition tensor the transformer accepts (the mask's is the length)."""
         return {"prompt_embeds": self.transformer.config.joint_attention_dim}
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Condition:
-        if self.encoder is not None:
-            return self.encoder(prompts, device=self.device)
-        return encode_text(self.pipe, prompts, self.max_sequence_length, self.device)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 packing

@@ -72,11 +72,9 @@ class SD3Policy(DiffusersPolicy):
 
     def __init__(self, pipe, max_sequence_length: int = 256, device: str | torch.device = "cpu",
                  shift: float | None = None, encoder=None, defaults: dict | None = None):
-        self._init_common(pipe, device, (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
-        self.max_sequence_length = max_sequence_length
-        self.shift = shift  # None: the scheduler's own shift (3.0 for SD3.5)
-        self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
-        self.defaults = defaults or {}
+        # shift None: the scheduler's own (3.0 for SD3.5)
+        self._init_common(pipe, device, (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3),
+                          max_sequence_length, shift, encoder, defaults)
 
     # ---- the protocol ----------------------------------------------------------------
     @torch.no_grad()
@@ -87,10 +85,6 @@ class SD3Policy(DiffusersPolicy):
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled_projections": pooled}
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     def default_resolution(self) -> int:
         return self.transformer.config.sample_size * self.vae_scale_factor
