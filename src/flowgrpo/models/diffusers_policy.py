@@ -82,6 +82,13 @@ class DiffusersPolicy:
         """resolution, guidance, steps and max_sequence_length for `flowgrpo sample`."""
         return dict(self.defaults)
 
+    def sampling_scheduler(self):
+        """A copy of the pipeline's scheduler; with `model.shift` set, that fixed shift instead of its own."""
+        sched = self.pipe.scheduler
+        if self.shift is not None:
+            return type(sched).from_config(sched.config, shift=float(self.shift), use_dynamic_shifting=False)
+        return copy.deepcopy(sched)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]):
         if self.encoder is not None:

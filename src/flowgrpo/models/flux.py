@@ -29,7 +29,6 @@ s' = shift s / (1 + (shift - 1) s) is used instead. A final 0 is appended.
 from __future__ import annotations
 
 
-import copy
 
 import numpy as np
 import torch
@@ -123,11 +122,7 @@ class FluxPolicy(DiffusersPolicy):
                 width // self.vae_scale_factor)
 
     def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
-        sched = self.pipe.scheduler
-        if self.shift is not None:
-            sched = type(sched).from_config(sched.config, shift=float(self.shift), use_dynamic_shifting=False)
-        else:
-            sched = copy.deepcopy(sched)
+        sched = self.sampling_scheduler()
         base = None if sched.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
         kw = {}
         if sched.config.use_dynamic_shifting:

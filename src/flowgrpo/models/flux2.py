@@ -134,11 +134,7 @@ class Flux2Policy(DiffusersPolicy):
     def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-        sched = self.pipe.scheduler
-        if self.shift is not None:
-            sched = type(sched).from_config(sched.config, shift=float(self.shift), use_dynamic_shifting=False)
-        else:
-            sched = copy.deepcopy(sched)
+        sched = self.sampling_scheduler()
         base = None if sched.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
         kw = {}
         if sched.config.use_dynamic_shifting:

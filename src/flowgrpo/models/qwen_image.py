@@ -34,7 +34,6 @@ inverse, as QwenImageImg2ImgPipeline encodes (the mode, (z - mean) / std).
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -108,11 +107,7 @@ class QwenImagePolicy(DiffusersPolicy):
                 width // self.vae_scale_factor)
 
     def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
-        sched = self.pipe.scheduler
-        if self.shift is not None:
-            sched = type(sched).from_config(sched.config, shift=float(self.shift), use_dynamic_shifting=False)
-        else:
-            sched = copy.deepcopy(sched)
+        sched = self.sampling_scheduler()
         kw = {}
         if sched.config.use_dynamic_shifting:
             n_tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .grammar import COLORS, HELD_OUT_BINDINGS, NUMBERS, make_prompt, split_records
-from .pretrain import _atomic_dir_swap, _tag_balanced_prompts, _to_tensor, encode_text
+from .pretrain import _atomic_dir_swap, _tag_balanced_prompts, _to_tensor, encode_text, open_log, warmup_cosine
 from .render import render_batch
 
 
@@ -83,25 +82,12 @@ def corrupt_record(record: dict, rng: np.random.Generator, color_noise: float, c
     return out
 
 
-def _lr_factor(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    prog = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
-
-
 def distill(cfg: DistillConfig) -> Path:
     from diffusers import StableDiffusion3Pipeline
 
     torch.set_num_threads(cfg.threads)
     work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    logf = open(work / "log.txt", "a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = open_log(work)
 
     teacher_dir = Path(cfg.teacher)
     if not (teacher_dir / "model_index.json").exists():
@@ -146,7 +132,7 @@ def distill(cfg: DistillConfig) -> Path:
     t0, losses, done = time.time(), [], start
     for step in range(start, min(cfg.steps, cfg.stop_after or cfg.steps)):
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, cfg)
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup, cfg.steps)
         recs = _tag_balanced_prompts(rng, cfg.batch, train)
         scenes = [corrupt_record(r, rng, cfg.color_noise, cfg.count_noise) for r in recs]
         images = render_batch(scenes, int(rng.integers(2**31)), vae.config.sample_size)

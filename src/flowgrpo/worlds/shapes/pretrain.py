@@ -130,17 +130,20 @@ def train_vae(cfg: PretrainConfig, log) -> "torch.nn.Module":
     return vae
 
 
-def _lr_factor(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.dit_warmup:
-        return (step + 1) / cfg.dit_warmup
-    # cosine to 10% over the run: most of the learning happens at full rate
-    prog = (step - cfg.dit_warmup) / max(1, cfg.dit_steps - cfg.dit_warmup)
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then a cosine to 10% over the run: most of the learning happens at full rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    prog = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    torch.set_num_threads(cfg.threads)
-    work = Path(cfg.work_dir)
+def _lr_factor(step: int, cfg: PretrainConfig) -> float:
+    return warmup_cosine(step, cfg.dit_warmup, cfg.dit_steps)
+
+
+def open_log(work: Path):
+    """A log function that prints and appends to work/log.txt."""
     work.mkdir(parents=True, exist_ok=True)
     logf = open(work / "log.txt", "a")
 
@@ -149,6 +152,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
         logf.write(msg + "\n")
         logf.flush()
 
+    return log
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    torch.set_num_threads(cfg.threads)
+    work = Path(cfg.work_dir)
+    log = open_log(work)
     arch = cfg.arch
     vae = train_vae(cfg, log).eval().requires_grad_(False)
     tok = write_word_tokenizer(work / "tokenizer", arch.max_text_tokens)
