@@ -160,7 +160,7 @@ def test_shipped_model_after_table_equals_eval_shapes(tmp_path):
         "run.tensorboard=false", f"run.output_dir={run_dir}"]))
     summary = json.loads(json.dumps(train(cfg)))
     out = tmp_path / "eval.json"
-    assert main(["eval", "shapes", "--model", str(root / "assets" / "shapes-sd3"), "--lora", str(run_dir / "lora"),
+    assert main(["eval", "shapes", "--model", str(root / cfg.model.path), "--lora", str(run_dir / "lora"),
                  "--tags", "colors", "--n", "4", "--steps", "8", "--guidance", "1.0", "--seed", "777",
                  "--out", str(out)]) == 0
     got = json.loads(out.read_text())

@@ -103,7 +103,8 @@ def test_demo_resume_is_bit_exact(tmp_path):
     draws a prompt of iteration 0 and a new one, so an uninterrupted run has the first cached
     and a resumed one has not (batch-dependent encoding made these runs drift by ~1e-7)."""
     over = ["optim.steps=2", "sample.prompts_per_step=2", "sample.group_size=4", "run.eval_before=false", "data.test=",
-            "run.tensorboard=false", "run.threads=1", "run.seed=2", f"model.path={ROOT / 'assets' / 'shapes-sd3'}"]
+            "run.tensorboard=false", "run.threads=1", "run.seed=2",
+            f"model.path={ROOT / load_config(TrainConfig, ROOT / 'configs' / 'demo.yaml').model.path}"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(validate(load_config(TrainConfig, ROOT / "configs" / "demo.yaml", over + [f"run.output_dir={straight}"])))
     cfg = validate(load_config(TrainConfig, ROOT / "configs" / "demo.yaml",
