@@ -54,6 +54,9 @@ class SampleConfig:
     # flow_sde (Flow-GRPO) or cps (coefficients-preserving); ode (Euler, deterministic) only for
     # objectives that do not use log-probs: awm, nft, reward_filtered, supervised
     kind: str = "flow_sde"
+    # cps log-probs: "true" Gaussian density, or "reference" (-(x' - mean)^2 as the CPS reference code:
+    # log-ratios 2 s_t^2 times the true ones, which changes when the clip binds); docs/fidelity.md
+    cps_logprob: str = "true"
     group_size: int = 8  # K images per prompt: the group advantages are normalised in
     prompts_per_step: int = 8  # groups per GRPO iteration, across all processes
     batch_size: int = 32  # images per forward pass per process while sampling
@@ -86,7 +89,9 @@ class OptimConfig:
     kl_beta: float = 0.0
     adv_std: str = "group"  # group | global (the SD3 recipes normalise by the batch std)
     adv_eps: float = 1e-4  # added to the std so near-flat groups do not explode
+    adv_std_ddof: int = 0  # std estimator: 0 population (Flow-GRPO reference), 1 unbiased (Pref-GRPO official)
     adv_clip: float = 5.0  # clamp advantages to +-adv_clip (reference: 5)
+    adv_clip_after_mix: bool = False  # reward.mix advantage: clamp the mixed sum (Pref-GRPO official), not each A_k
     drop_zero_signal: bool = True  # skip groups whose rewards are all equal (no gradient, saves time)
     # The training objective (docs/objectives.md). ratio: Flow-GRPO, the clipped ratio of the SDE
     # steps' Gaussian log-probs. awm: Advantage Weighted Matching (arXiv 2509.25050), the same
@@ -122,6 +127,7 @@ class OptimConfig:
     optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split into this many chunks)
     ema_decay: float = 0.0  # EMA of trained weights for eval and saving (0.9 every 8 in SD3.5 recipes; 0 = off)
     ema_every: int = 8  # iterations between EMA updates
+    ema_warmup: bool = False  # decay min((1 + n) / (10 + n), ema_decay), n = EMA updates so far (Adv-GRPO official)
 
 
 @dataclass
@@ -178,6 +184,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                               and s.window_start_range[1] + s.window_size <= s.num_steps):
         raise ConfigError(f"sample.window_start_range {s.window_start_range} + window_size {s.window_size} "
                           f"must fit in sample.num_steps {s.num_steps}")
+    if s.cps_logprob not in ("true", "reference"):
+        raise ConfigError(f"sample.cps_logprob must be 'true' or 'reference', got {s.cps_logprob!r}")
+    if o.adv_std_ddof not in (0, 1):
+        raise ConfigError(f"optim.adv_std_ddof must be 0 (population) or 1 (unbiased), got {o.adv_std_ddof}")
     if o.adv_std not in ("group", "global"):
         raise ConfigError(f"optim.adv_std must be 'group' or 'global', got {o.adv_std!r}")
     if o.policy_loss == "awm" and o.awm_timesteps < 1:

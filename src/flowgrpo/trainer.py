@@ -90,7 +90,8 @@ class Trainer:
                                            weight_decay=o.weight_decay)
         wrapped, self.optimizer = self.acc.prepare(self.policy.transformer, self.optimizer)
         self.policy.forward_module = wrapped
-        self.ema = EMA(list(self.named_params.values()), o.ema_decay, o.ema_every) if o.ema_decay > 0 else None
+        self.ema = (EMA(list(self.named_params.values()), o.ema_decay, o.ema_every, warmup=o.ema_warmup)
+                    if o.ema_decay > 0 else None)
         self.rewards = {name: make_reward(name, **dict(cfg.reward.args.get(name, {})))
                         for name in cfg.reward.weights}
         self.train_items = load_prompts(cfg.data.train, list(cfg.data.train_tags))
@@ -160,7 +161,7 @@ class Trainer:
                 traj = rollout(self.policy, index_condition(cond, sl), self.negative, num_steps=s.num_steps,
                                guidance=s.guidance, noise_level=s.noise_level, kind=s.kind, height=self.resolution,
                                width=self.resolution, generator=[derived_generator(seed, iteration, 4, i) for i in ids],
-                               window=window, init_latents=init)
+                               window=window, init_latents=init, cps_logprob=s.cps_logprob)
                 lat.append(traj.latents)
                 lps.append(traj.log_probs)
                 imgs.append(as_uint8_images(traj.images))
@@ -198,11 +199,12 @@ class Trainer:
             stats[f"reward/{name}/mean"] = float(scores.mean())
             stats[f"reward/{name}/std"] = float(scores.std(unbiased=False))
         o, w = self.cfg.optim, self.cfg.reward.weights
-        kw = dict(std_mode=o.adv_std, eps=o.adv_eps, clip=o.adv_clip)
+        kw = dict(std_mode=o.adv_std, eps=o.adv_eps, clip=o.adv_clip, ddof=o.adv_std_ddof)
         total = sum(w[n] * r for n, r in global_rewards.items())
         stats["reward/mean"], stats["reward/std"] = float(total.mean()), float(total.std(unbiased=False))
         if self.cfg.reward.mix == "advantage":
-            adv, per = mix_advantages({n: (r, w[n]) for n, r in global_rewards.items()}, all_ids, **kw)
+            adv, per = mix_advantages({n: (r, w[n]) for n, r in global_rewards.items()}, all_ids,
+                                      clip_after_mix=o.adv_clip_after_mix, **kw)
             zero = float(np.mean([s.zero_signal_share for s in per.values()]))
             # a group carries no signal only if every component is flat in it
             flat = torch.stack([adv[all_ids == g].abs().max() == 0 for g in torch.unique(all_ids)])

@@ -1,13 +1,15 @@
 """Group-relative advantages (GRPO): normalise each image's reward within its prompt group.
 
 A_i = (r_i - mean_group(r)) / (std + eps), std of the group ("group") or of the whole
-gathered batch ("global", the SD3 recipes' choice), population std as in the reference,
-then clamped to +-clip. Call it on rewards gathered from every process so that a group
+gathered batch ("global", the SD3 recipes' choice), by default the population std (ddof 0)
+as in the Flow-GRPO reference (Pref-GRPO's official code: ddof 1), then clamped to +-clip.
+Call it on rewards gathered from every process so that a group
 spread across processes is normalised once, identically everywhere.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,18 +34,20 @@ def group_ids_from_prompts(prompts: list[str]) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group",
-                     eps: float = 1e-4, clip: float = 5.0) -> tuple[torch.Tensor, AdvantageStats]:
+                     eps: float = 1e-4, clip: float = 5.0, ddof: int = 0) -> tuple[torch.Tensor, AdvantageStats]:
     if std_mode not in ("group", "global"):
         raise ValueError(f"std_mode must be 'group' or 'global', got {std_mode!r}")
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population std) or 1 (unbiased), got {ddof!r}")
     r = rewards.double()
     adv = torch.zeros_like(r)
-    global_std = r.std(unbiased=False) if r.numel() > 1 else r.new_tensor(0.0)
+    global_std = r.std(correction=ddof) if r.numel() > 1 else r.new_tensor(0.0)
     zero, stds = 0, []
     groups = torch.unique(group_ids)
     for g in groups:
         m = group_ids == g
         rg = r[m]
-        std = rg.std(unbiased=False) if rg.numel() > 1 else rg.new_tensor(0.0)
+        std = rg.std(correction=ddof) if rg.numel() > 1 else rg.new_tensor(0.0)
         stds.append(float(std))
         if float(rg.max() - rg.min()) == 0.0:
             zero += 1
@@ -55,11 +59,19 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: s
     return adv, stats
 
 
-def mix_advantages(parts: dict[str, tuple[torch.Tensor, float]], group_ids: torch.Tensor, **kw):
-    """Pref-GRPO's mixing: sum_k w_k * A_k, each reward normalised within groups on its own."""
+def mix_advantages(parts: dict[str, tuple[torch.Tensor, float]], group_ids: torch.Tensor,
+                   clip_after_mix: bool = False, **kw):
+    """Pref-GRPO's mixing: sum_k w_k * A_k, each reward normalised within groups on its own.
+
+    Each A_k is clamped to +-clip before mixing (default), or, with `clip_after_mix` as in
+    Pref-GRPO's official code, the components stay unclamped and only the sum is clamped.
+    """
+    clip = kw.pop("clip", 5.0)
     total, stats = None, {}
     for name, (rewards, weight) in parts.items():
-        adv, st = group_advantages(rewards, group_ids, **kw)
+        adv, st = group_advantages(rewards, group_ids, clip=math.inf if clip_after_mix else clip, **kw)
         stats[name] = st
         total = weight * adv if total is None else total + weight * adv
+    if clip_after_mix:
+        total = total.clamp(-clip, clip)
     return total, stats

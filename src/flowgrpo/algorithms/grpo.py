@@ -98,21 +98,32 @@ def swapped_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
 
 
 class EMA:
-    """Exponential moving average of the trained parameters, updated every `every` steps."""
+    """Exponential moving average of the trained parameters, updated every `every` steps.
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+    With `warmup` the decay of an update is min((1 + n) / (10 + n), decay), n = the EMA updates
+    made before it (Adv-GRPO's schedule), so early averages follow the weights closely. n is
+    `num_updates`, which checkpoints save and restore, so a resumed run continues the schedule.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1, warmup: bool = False):
         self.params = list(params)
-        self.decay, self.every = decay, every
+        self.decay, self.every, self.warmup = decay, every, warmup
         self.shadow = [p.detach().clone().float() for p in self.params]
         self.num_updates = 0
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        n = self.num_updates
+        return min((1 + n) / (10 + n), self.decay) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         if step % self.every:
             return
+        decay = self.current_decay()
         self.num_updates += 1
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+            s.lerp_(p.detach().float(), 1.0 - decay)
 
     def swapped_in(self):
         """Temporarily load the EMA weights into the model (for evaluation and saving)."""

@@ -59,7 +59,7 @@ def initial_noise(shape: tuple[int, ...], batch: int, generator,
 def rollout(policy, cond: Condition, negative: Condition | None, *, num_steps: int, guidance: float,
             noise_level: float, kind: str, height: int, width: int, generator,
             window: tuple[int, int] | None = None, init_latents: torch.Tensor | None = None,
-            decode: bool = True) -> Trajectory:
+            decode: bool = True, cps_logprob: str = "true") -> Trajectory:
     """Sample a batch. Steps inside `window` (all when None) use `kind`, the rest the ODE.
 
     `generator` is one torch.Generator or a list with one per image (the trainer's choice, so
@@ -79,7 +79,7 @@ def rollout(policy, cond: Condition, negative: Condition | None, *, num_steps: i
         v = policy.velocity(x, sigmas[i], cond, neg, guidance)
         step_kind = kind if mask[i] else "ode"
         noise = randn_like_batch(x.shape[1:], batch, generator).to(device) if step_kind != "ode" else None
-        out = sde_step(v, x, sigmas[i], sigmas[i + 1], noise, noise_level, step_kind)
+        out = sde_step(v, x, sigmas[i], sigmas[i + 1], noise, noise_level, step_kind, cps_logprob=cps_logprob)
         x = out.prev_sample
         states.append(x)
         logps.append(out.log_prob)

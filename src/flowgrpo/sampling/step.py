@@ -18,9 +18,13 @@ Kinds:
 
 log_prob is the Gaussian log-density of x' under N(mean, std^2), computed in float32 and
 reduced over all non-batch dimensions by `reduction`: "mean" (the reference convention;
-per-pixel, so it does not scale with resolution) or "sum" (the true log-density). The CPS
-reference drops every constant including 1/(2 s_t^2); we keep the true density, so CPS
-ratios match the reference's but absolute log-probs differ.
+per-pixel, so it does not scale with resolution) or "sum" (the true log-density).
+
+CPS log-prob convention (`cps_logprob`): "true" (default) keeps the Gaussian density. The CPS
+reference implementation scores a transition as -(x' - mean)^2 only, dropping the constants
+and also the factor 1/(2 s_t^2); s_t does not depend on the parameters, so its log-ratios are
+2 s_t^2 times the true ones (not equal to them), which changes when the ratio clip binds.
+"reference" reproduces that convention; it applies to the cps kind only.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 KINDS = ("ode", "flow_sde", "cps")
+CPS_LOGPROBS = ("true", "reference")
 
 
 class StepOutput(NamedTuple):
@@ -50,6 +55,10 @@ def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """log N(x; mean, std^2) elementwise, reduced over non-batch dims."""
     lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return _reduce(lp, reduction)
+
+
+def _reduce(lp: torch.Tensor, reduction: str) -> torch.Tensor:
     dims = tuple(range(1, lp.ndim))
     if reduction == "mean":
         return lp.mean(dim=dims)
@@ -81,6 +90,7 @@ def sde_step(
     kind: str = "flow_sde",
     prev_sample: torch.Tensor | None = None,
     reduction: str = "mean",
+    cps_logprob: str = "true",
 ) -> StepOutput:
     """Advance `sample` from `sigma` to `sigma_next`.
 
@@ -90,6 +100,8 @@ def sde_step(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if cps_logprob not in CPS_LOGPROBS:
+        raise ValueError(f"cps_logprob must be one of {CPS_LOGPROBS}, got {cps_logprob!r}")
     v = velocity.float()
     x = sample.float()
     s = _per_sample(sigma, x)
@@ -118,6 +130,9 @@ def sde_step(
         prev = prev_sample.float()
     # At sigma_next = 0 (the last step) std is 0 and the density is undefined: score it 0.
     safe_std = torch.where(std > 0, std, torch.ones_like(std))
-    log_prob = gaussian_log_prob(prev.detach(), mean, safe_std, reduction)
+    if kind == "cps" and cps_logprob == "reference":
+        log_prob = _reduce(-((prev.detach() - mean) ** 2), reduction)  # the reference's, see the module doc
+    else:
+        log_prob = gaussian_log_prob(prev.detach(), mean, safe_std, reduction)
     log_prob = torch.where(std.reshape(-1) > 0, log_prob, torch.zeros_like(log_prob))
     return StepOutput(prev, log_prob, mean, std)

@@ -31,7 +31,7 @@ class RatioObjective(Objective):
         cond = index_condition(batch.cond, idx)
         v = self.services.velocity(x, batch.sigmas[t], cond)
         out = sde_step(v, x, batch.sigmas[t], batch.sigmas[t + 1], noise_level=s.noise_level, kind=s.kind,
-                       prev_sample=x_next)
+                       prev_sample=x_next, cps_logprob=s.cps_logprob)
         kl = None
         if o.kl_beta > 0:
             with torch.no_grad():
