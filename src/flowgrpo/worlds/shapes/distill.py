@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from .grammar import COLORS, HELD_OUT_BINDINGS, NUMBERS, make_prompt, split_records
-from .pretrain import _atomic_dir_swap, _tag_balanced_prompts, _to_tensor, encode_text, open_log, warmup_cosine
+from .pretrain import (_atomic_dir_swap, _tag_balanced_prompts, _to_tensor, encode_text, load_checkpoint, open_log,
+                       save_checkpoint, warmup_cosine)
 from .render import render_batch
 
 
@@ -118,15 +118,9 @@ def distill(cfg: DistillConfig) -> Path:
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    start, ckpt = 0, work / "checkpoint"
-    if (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
-        student.load_state_dict(load_file(ckpt / "student.safetensors"))
-        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        rng.bit_generator.state = state["numpy_rng"]
-        gen.set_state(load_file(ckpt / "rng.safetensors")["torch_generator"])
-        start = state["step"]
+    ckpt, saved = work / "checkpoint", {"student": student, "ema": ema}
+    start = load_checkpoint(ckpt, saved, opt, gen, rng)
+    if start:
         log(f"resumed at step {start}")
     train = split_records()["train"]
     t0, losses, done = time.time(), [], start
@@ -169,15 +163,7 @@ def distill(cfg: DistillConfig) -> Path:
             log(f"distill step {done} loss {np.mean(losses[-cfg.log_every:]):.4f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {rate:.2f}s/step eta {rate * (cfg.steps - done) / 60:.0f}min")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            tmp = work / "checkpoint.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file(student.state_dict(), tmp / "student.safetensors")
-            save_file(ema.state_dict(), tmp / "ema.safetensors")
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            save_file({"torch_generator": gen.get_state()}, tmp / "rng.safetensors")
-            (tmp / "state.json").write_text(json.dumps({"step": done, "numpy_rng": rng.bit_generator.state}))
-            _atomic_dir_swap(tmp, ckpt)
+            save_checkpoint(ckpt, saved, opt, gen, rng, done)
             write_pipeline(pipe, ema, work / "snapshot", cfg)
     if start >= cfg.steps or done >= cfg.steps:
         out = write_pipeline(pipe, ema, Path(cfg.out), cfg)

@@ -92,6 +92,33 @@ def _atomic_dir_swap(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def save_checkpoint(ckpt: Path, modules: dict, opt, gen: torch.Generator, rng: np.random.Generator,
+                    step: int) -> None:
+    """Atomically write the modules (file name -> module), the optimizer, both RNGs and the step."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, module in modules.items():
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    save_file({"torch_generator": gen.get_state()}, tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "numpy_rng": rng.bit_generator.state}))
+    _atomic_dir_swap(tmp, ckpt)
+
+
+def load_checkpoint(ckpt: Path, modules: dict, opt, gen: torch.Generator, rng: np.random.Generator) -> int:
+    """Restore what save_checkpoint wrote; the step to continue from (0 when there is no checkpoint)."""
+    if not (ckpt / "state.json").exists():
+        return 0
+    state = json.loads((ckpt / "state.json").read_text())
+    for name, module in modules.items():
+        module.load_state_dict(load_file(ckpt / f"{name}.safetensors"))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    rng.bit_generator.state = state["numpy_rng"]
+    gen.set_state(load_file(ckpt / "rng.safetensors")["torch_generator"])
+    return state["step"]
+
+
 def train_vae(cfg: PretrainConfig, log) -> "torch.nn.Module":
     arch, work = cfg.arch, Path(cfg.work_dir)
     vae_dir = work / "vae"
@@ -182,18 +209,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     rng = np.random.default_rng(cfg.seed + 3)
     gen = torch.Generator().manual_seed(cfg.seed + 4)
-    start = 0
     ckpt = work / "checkpoint"
-    if (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
-        transformer.load_state_dict(load_file(ckpt / "transformer.safetensors"))
-        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
-        for i, e in enumerate(encoders):
-            e.load_state_dict(load_file(ckpt / f"text_encoder_{i}.safetensors"))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        rng.bit_generator.state = state["numpy_rng"]
-        gen.set_state(load_file(ckpt / "rng.safetensors")["torch_generator"])
-        start = state["step"]
+    saved = {"transformer": transformer, "ema": ema, **{f"text_encoder_{i}": e for i, e in enumerate(encoders)}}
+    start = load_checkpoint(ckpt, saved, opt, gen, rng)
+    if start:
         log(f"resumed at step {start}")
     train = split_records()["train"]
     joint_dim = transformer.config.joint_attention_dim
@@ -228,17 +247,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             log(f"dit step {done} loss {np.mean(losses[-cfg.log_every:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{rate:.2f}s/step eta {rate * (cfg.dit_steps - done) / 60:.0f}min")
         if done % cfg.checkpoint_every == 0 or done == cfg.dit_steps:
-            tmp = work / "checkpoint.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file(transformer.state_dict(), tmp / "transformer.safetensors")
-            save_file(ema.state_dict(), tmp / "ema.safetensors")
-            for i, e in enumerate(encoders):
-                save_file({k: v.contiguous() for k, v in e.state_dict().items()}, tmp / f"text_encoder_{i}.safetensors")
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            save_file({"torch_generator": gen.get_state()}, tmp / "rng.safetensors")
-            (tmp / "state.json").write_text(json.dumps({"step": done, "numpy_rng": rng.bit_generator.state}))
-            _atomic_dir_swap(tmp, ckpt)
+            save_checkpoint(ckpt, saved, opt, gen, rng, done)
             export_pipeline(cfg, work / "snapshot", ema, encoders, tokenizers, vae)
         if cfg.eval_every and done % cfg.eval_every == 0:
             log(quick_eval(work / "snapshot", cfg))
