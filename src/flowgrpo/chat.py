@@ -33,7 +33,7 @@ class ChatConfig:
     backoff: float = 1.0  # seconds, doubled per retry, with jitter
     concurrency: int = 16  # requests in flight at once
     max_tokens: int = 1024
-    temperature: float = 0.0
+    temperature: float | None = 0.0  # None: not sent, the server's default applies (as the official clients)
     extra_body: dict = field(default_factory=dict)  # passed through (e.g. top_p, seed)
 
 
@@ -48,18 +48,21 @@ class ChatResult:
         return self.text is not None
 
 
-def image_to_data_url(image, fmt: str = "PNG") -> str:
-    """uint8 HxWx3 array or PIL image -> data URL for an `image_url` content part."""
+def image_to_data_url(image, fmt: str = "PNG", quality: int | None = None) -> str:
+    """uint8 HxWx3 array or PIL image -> data URL for an `image_url` content part.
+    `quality` is the JPEG quality (1-100; None: Pillow's default, 75); PNG ignores it."""
     if not hasattr(image, "save"):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format=fmt)
-    mime = "image/png" if fmt.upper() == "PNG" else "image/jpeg"
+    jpeg = fmt.upper() in ("JPEG", "JPG")
+    kwargs = {"quality": int(quality)} if jpeg and quality is not None else {}
+    image.convert("RGB").save(buf, format="JPEG" if jpeg else fmt, **kwargs)
+    mime = "image/jpeg" if jpeg else "image/png"
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def image_part(image, fmt: str = "PNG") -> dict:
-    return {"type": "image_url", "image_url": {"url": image_to_data_url(image, fmt)}}
+def image_part(image, fmt: str = "PNG", quality: int | None = None) -> dict:
+    return {"type": "image_url", "image_url": {"url": image_to_data_url(image, fmt, quality)}}
 
 
 def text_part(text: str) -> dict:
@@ -78,8 +81,9 @@ class ChatClient:
 
     async def _one(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, messages: list[dict]) -> ChatResult:
         cfg = self.config
-        body = {"model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens,
-                "temperature": cfg.temperature, **cfg.extra_body}
+        body = {"model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens, **cfg.extra_body}
+        if cfg.temperature is not None:
+            body.setdefault("temperature", cfg.temperature)
         url = cfg.base_url.rstrip("/") + "/chat/completions"
         error = "no attempt"
         for attempt in range(cfg.max_retries + 1):

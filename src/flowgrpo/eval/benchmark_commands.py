@@ -3,6 +3,9 @@
     flowgrpo eval generate --benchmark unigenbench --model black-forest-labs/FLUX.1-dev --out runs/flux
     flowgrpo eval adopt --benchmark unigenbench --images downloaded/flux_images   # images made elsewhere
     flowgrpo eval score runs/flux --judge-url http://127.0.0.1:8080/v1 --judge-model QwenVL
+    flowgrpo eval score runs/flux --judge-url ... --template-file ugb_en.json --parser official \
+        --retry-style fresh --parse-retries 10 --image-format JPEG --max-tokens 4096 --temperature none \
+        --testpoints test_prompts_en_aug2025.csv      # the official protocol (docs/evaluation.md)
     flowgrpo eval report runs/flux runs/flux-prefgrpo --out reports/flux
 
 Bad input (a missing column, an unreachable judge setting, a half-generated run) ends with a
@@ -77,16 +80,30 @@ def _judge_config(args):
                       temperature=args.temperature)
 
 
+def _temperature(text: str) -> float | None:
+    """--temperature: a number, or none (send no temperature: the server's default)."""
+    if text.strip().lower() in ("none", "null", "default"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'none', got {text!r}") from None
+
+
 def _score(args) -> int:
     from .benchmarks import EvalError
     from .score import score
 
+    judge_options = {"image_quality": args.image_quality, "parser": args.parser, "retry_style": args.retry_style,
+                     "template_file": args.template_file, "template_syntax": args.template_syntax,
+                     "testpoints": args.testpoints}
     try:
         kwargs = {"url": args.reward_url} if args.reward_url else None
         result = score(args.run_dir, args.metric, reward=args.reward, out_dir=args.out, judge=_judge_config(args),
                        reward_kwargs=kwargs,
                        batch_size=args.batch_size, parse_retries=args.parse_retries,
-                       retry_failures=args.retry_failures, image_format=args.image_format, progress=not args.quiet)
+                       retry_failures=args.retry_failures, image_format=args.image_format, progress=not args.quiet,
+                       judge_options=judge_options)
     except EvalError as exc:
         raise _user_error(exc) from None
     if result["metric"] == "unigenbench":
@@ -166,10 +183,29 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     j.add_argument("--concurrency", type=int, default=16)
     j.add_argument("--timeout", type=float, default=180.0, help="seconds per request")
     j.add_argument("--max-retries", type=int, default=3, help="transport retries per request")
-    j.add_argument("--parse-retries", type=int, default=2, help="re-asks after an unreadable answer")
-    j.add_argument("--max-tokens", type=int, default=2048)
-    j.add_argument("--temperature", type=float, default=0.0)
-    j.add_argument("--image-format", default="PNG", choices=["PNG", "JPEG"], help="how images are sent")
+    j.add_argument("--parse-retries", type=int, default=2,
+                   help="asks after an unreadable answer (official: 10 with --retry-style fresh)")
+    j.add_argument("--retry-style", default="correct", choices=["correct", "fresh"],
+                   help="correct: re-ask in the same conversation with the reason; fresh: ask the same "
+                        "single-turn question again, also after a failed request (the official way)")
+    j.add_argument("--parser", default="strict", choices=["strict", "official"],
+                   help="strict: the last <score> block, JSON 0/1 integers; official: the first <analysis> "
+                        "and <score> blocks, as the official scorer reads them")
+    j.add_argument("--template-file", default=None,
+                   help="the judge question from a file (e.g. your copy of the official one; placeholders "
+                        "{prompt} {testpoint} {explanation} {test_explanation}; a .json file may add "
+                        "definitions and headers, see docs/evaluation.md)")
+    j.add_argument("--template-syntax", default=None, choices=["plain", "format"],
+                   help="how placeholders are filled (default: the file's own, else plain)")
+    j.add_argument("--testpoints", default=None,
+                   help="score against this UniGenBench CSV's testpoints instead of the run's (e.g. the "
+                        "Aug-2025 file, 1,814 testpoints; the Oct-2025 file dropped one at index 428: 1,813)")
+    j.add_argument("--max-tokens", type=int, default=2048, help="official: 4096")
+    j.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="a number, or none to send no temperature (the server's default, as the official)")
+    j.add_argument("--image-format", default="PNG", choices=["PNG", "JPEG"],
+                   help="how images are sent (official vLLM client: JPEG quality 95)")
+    j.add_argument("--image-quality", type=int, default=95, help="JPEG quality (1-100) with --image-format JPEG")
     j.add_argument("--retry-failures", action="store_true", help="ask again about images recorded as failures")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_score)

@@ -50,10 +50,12 @@ def _slug(text: str) -> str:
 
 def score(run_dir: str | Path, metric: str = "auto", *, reward: str | None = None, out_dir: str | Path | None = None,
           judge=None, batch_size: int = 16, parse_retries: int = 2, retry_failures: bool = False,
-          image_format: str = "PNG", reward_kwargs: dict | None = None, progress: bool = True) -> dict:
+          image_format: str = "PNG", reward_kwargs: dict | None = None, progress: bool = True,
+          judge_options: dict | None = None) -> dict:
     """Score `run_dir` with `metric` (see module docstring); returns the summary dict.
 
-    `judge` is a chat.ChatConfig for UniGenBench; `reward` overrides the preset reward name.
+    `judge` is a chat.ChatConfig for UniGenBench and `judge_options` further keyword
+    arguments of unigenbench.score_run; `reward` overrides the preset reward name.
     """
     run_dir = Path(run_dir)
     metric = resolve_metric(run_dir, metric)
@@ -63,7 +65,7 @@ def score(run_dir: str | Path, metric: str = "auto", *, reward: str | None = Non
         from .unigenbench import score_run
 
         return score_run(run_dir, judge, out_dir, parse_retries=parse_retries, retry_failures=retry_failures,
-                         image_format=image_format, progress=progress)
+                         image_format=image_format, progress=progress, **(judge_options or {}))
     reward_name, component = PRESETS.get(metric, (metric, None))
     reward_name = reward or reward_name
     out = Path(out_dir) if out_dir else run_dir / "scores" / _slug(metric if metric in PRESETS else reward_name)

@@ -19,19 +19,27 @@ Serving UnifiedReward with vLLM (one GPU; raise --tensor-parallel-size for more)
 
 (older vLLM spells the last flag `--limit-mm-per-prompt image=1`), then
 `make_reward("vlm_score", base_url="http://127.0.0.1:8080/v1", model="UnifiedReward")`.
-The default rubric is our wording of the UnifiedReward pointwise task; pass `rubric_file` to
-use the exact template a checkpoint was trained with. `{prompt}` marks where the caption goes.
+The default rubric is our wording of the UnifiedReward pointwise task; pass `template_file`
+(alias `rubric_file`) to use the exact template a checkpoint was trained with, read from the
+user's own copy (see flowgrpo.prompt_templates; placeholder `{prompt}`, the caption). Note that
+the official UnifiedReward pointwise template asks for three scores (alignment, coherence,
+style) instead of one "Final Score": a template that does so needs a parser this reward does
+not have.
+
+Request options: `image_format` PNG (default) or JPEG at `image_quality` (default 95, the
+official client's value), `max_tokens` (512; the official client asks for 4096),
+`temperature` (0.0; None sends none, leaving the server's default, as the official client).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .. import prompt_templates
 from ..chat import ChatClient, ChatConfig, image_part, text_part
 from .base import Reward, RewardError, RewardOutput, as_uint8_images, register
 
@@ -70,24 +78,30 @@ class VlmScoreReward(Reward):
 
     def __init__(self, base_url: str = "http://127.0.0.1:8080/v1", model: str = "UnifiedReward",
                  api_key: str | None = None, timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0,
-                 concurrency: int = 16, max_tokens: int = 512, temperature: float = 0.0, rubric: str | None = None,
-                 rubric_file: str | None = None, image_format: str = "PNG", max_side: int | None = None,
-                 min_score: float = 1.0, max_score: float = 5.0, fallback: float | str = "group_mean"):
-        if rubric_file:
-            try:
-                rubric = Path(rubric_file).read_text()
-            except OSError as exc:
-                raise RewardError(f"cannot read rubric_file {rubric_file}: {exc}") from None
-        self.rubric = rubric or DEFAULT_RUBRIC
-        if "{prompt}" not in self.rubric:
-            raise RewardError("the rubric must contain {prompt} where the caption goes")
+                 concurrency: int = 16, max_tokens: int = 512, temperature: float | None = 0.0,
+                 rubric: str | None = None, rubric_file: str | None = None, template_file: str | None = None,
+                 template_syntax: str | None = None, image_format: str = "PNG", image_quality: int = 95,
+                 max_side: int | None = None, min_score: float = 1.0, max_score: float = 5.0,
+                 fallback: float | str = "group_mean"):
+        if rubric_file and template_file and rubric_file != template_file:
+            raise RewardError("give template_file or its alias rubric_file, not both")
+        try:
+            self.template = prompt_templates.resolve(template_file or rubric_file, rubric, DEFAULT_RUBRIC,
+                                                     ("prompt",), syntax=template_syntax, what="rubric")
+        except prompt_templates.TemplateError as exc:
+            arg = "template_file" if template_file else "rubric_file" if rubric_file else "rubric"
+            raise RewardError(f"{arg}: {exc}") from None
+        self.rubric = self.template.text
         if not (isinstance(fallback, (int, float)) or fallback == "group_mean"):
             raise RewardError(f"fallback must be a number or 'group_mean', got {fallback!r}")
         if image_format.upper() not in ("PNG", "JPEG"):
             raise RewardError(f"image_format must be PNG or JPEG, got {image_format!r}")
+        if not 1 <= int(image_quality) <= 100:
+            raise RewardError(f"image_quality must be in 1..100, got {image_quality!r}")
         self.fallback = fallback
         self.min_score, self.max_score = float(min_score), float(max_score)
         self.image_format, self.max_side = image_format.upper(), max_side
+        self.image_quality = int(image_quality) if self.image_format == "JPEG" else None
         self.client = ChatClient(ChatConfig(base_url=base_url, model=model, api_key=api_key, timeout=timeout,
                                             max_retries=max_retries, backoff=backoff, concurrency=concurrency,
                                             max_tokens=max_tokens, temperature=temperature))
@@ -97,7 +111,7 @@ class VlmScoreReward(Reward):
         img = Image.fromarray(image)
         if self.max_side and max(img.size) > self.max_side:
             img.thumbnail((self.max_side, self.max_side), Image.LANCZOS)
-        content = [image_part(img, self.image_format), text_part(self.rubric.replace("{prompt}", prompt))]
+        content = [image_part(img, self.image_format, self.image_quality), text_part(self.template.fill(prompt=prompt))]
         return [{"role": "user", "content": content}]
 
     def _fill(self, rewards: np.ndarray, failed: np.ndarray, group_ids) -> np.ndarray:

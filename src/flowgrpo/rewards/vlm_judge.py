@@ -11,10 +11,29 @@ base64 data URLs, then the instruction with the caption. Two answer formats:
   of self-chosen sub-dimensions (scores of the two images summing to 10) and a top-level
   ``"winner": "Image 1"`` or ``"Image 2"``.
 
-Parsing is strict: exactly one ``<answer>`` block (think) or one JSON object with a
-``winner`` (flex) naming image 1 or 2; anything else is garbage. As an extension, the tie
-answers "Both images are equally good" (think) and ``"winner": "Tie"`` (flex) parse as 0.5:
-UnifiedReward models never write them, `flowgrpo serve-judge` does for judges that tie.
+Two parsers (``parser=``):
+
+- ``"strict"`` (default): exactly one ``<answer>`` block (think) or one JSON object with a
+  ``winner`` (flex) naming image 1 or 2, the verdict exactly (case, surrounding space and a
+  final period ignored); anything else is garbage.
+- ``"official"``: the official Pref-GRPO reward code's reading. Think: the FIRST
+  ``<answer>...</answer>`` block (tags case-sensitive) and a case-sensitive substring test,
+  "Image 1 is better" first, then "Image 2 is better". Flex: the whole answer as JSON, else
+  the widest ``{...}`` span, and a ``winner`` naming exactly one of image/video 1 and 2.
+  Where the official code silently scores an unreadable answer as a tie, this parser
+  returns garbage, so the pair is re-asked and, if still unreadable, a counted failure
+  (also scored as a tie, but visible in ``parse_failures``).
+
+As an extension, the tie answers "Both images are equally good" (think) and ``"winner":
+"Tie"`` (flex) parse as 0.5 with either parser: UnifiedReward models never write them,
+`flowgrpo serve-judge` does for judges that tie.
+
+Request options: ``image_format`` "PNG" (default, lossless) or "JPEG" with ``image_quality``
+(default 95; the official client sends JPEG at quality 95), ``max_tokens`` (2048; the
+official client asks for 4096), ``temperature`` (0.0; None sends none, so the server's
+default applies, as in the official client), and the instruction: the built-in wording,
+``instruction=`` (a string) or ``template_file=`` (a file, see flowgrpo.prompt_templates;
+placeholder ``{prompt}``, the caption; ``template_syntax`` "plain" or "format").
 
 Failures never raise. The shared ChatClient runs requests concurrently under a limit, each
 with a timeout and bounded retries with exponential backoff (on timeouts, connection errors,
@@ -32,9 +51,12 @@ Serving the reference judges with vLLM (vLLM >= 0.11 for the Qwen3-VL models; si
     # CodeGoat24/UnifiedReward-Flex-qwen3vl-8b (format "flex")
 
 then ``make_reward("pref_winrate", judge="vlm", judge_args={"base_url":
-"http://127.0.0.1:8080/v1", "model": "UnifiedReward"})``. The instruction below is this
-project's wording of the published format; pass ``instruction=`` (a template containing
-``{prompt}``) to use another wording.
+"http://127.0.0.1:8080/v1", "model": "UnifiedReward"})``. The instructions below are this
+project's wording of the published formats; the judges were fine-tuned on the official
+wording, which a user reads from their own checkout with ``template_file`` (Pref-GRPO:
+``fastvideo/rewards/templates.py``, functions ``get_unifiedreward_think_image_template`` and
+``get_unifiedreward_flex_image_template``; both are filled with str.format, so use
+``template_syntax="format"`` for the Flex one, whose example JSON has doubled braces).
 """
 
 from __future__ import annotations
@@ -48,6 +70,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .. import prompt_templates
 from ..chat import ChatClient, ChatConfig, image_to_data_url, text_part
 from .base import RewardError, as_uint8_images
 from .pairwise import Judge, JudgeResult, register_judge
@@ -135,7 +158,62 @@ def parse_flex(text: str | None) -> float | None:
     return None if m is None else (1.0 if m.group(1) == "1" else 0.0)
 
 
-PARSERS = {"think": parse_think, "flex": parse_flex}
+_FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)  # case-sensitive, as the official
+_OFFICIAL_THINK = (("Image 1 is better", 1.0), ("Image 2 is better", 0.0), (TIE_ANSWER, 0.5))
+
+
+def parse_think_official(text: str | None) -> float | None:
+    """The official reading of a Think answer: the FIRST <answer> block, then a
+    case-sensitive substring test ("Image 1 is better" before "Image 2 is better"); None
+    when there is no block or neither verdict is in it (the official code calls that a tie)."""
+    if not text:
+        return None
+    m = _FIRST_ANSWER.search(text)
+    if m is None:
+        return None
+    verdict = m.group(1).strip()
+    for needle, p in _OFFICIAL_THINK:
+        if needle in verdict:
+            return p
+    return None
+
+
+_WIDEST_OBJECT = re.compile(r"\{.*\}", re.S)
+_SIDE = {1: re.compile(r"\b(?:video|image)\s*1\b"), 2: re.compile(r"\b(?:video|image)\s*2\b")}
+
+
+def parse_flex_official(text: str | None) -> float | None:
+    """The official reading of a Flex answer: the whole text as JSON, else the widest
+    {...} span; the winner names exactly one of image (or video) 1 and 2. None otherwise
+    (the official code calls that a tie); "Tie" is the tie extension."""
+    if not text:
+        return None
+    data = None
+    try:
+        data = json.loads(text.strip())
+    except json.JSONDecodeError:
+        m = _WIDEST_OBJECT.search(text)
+        if m:
+            try:
+                data = json.loads(m.group(0))
+            except json.JSONDecodeError:
+                data = None
+    if not isinstance(data, dict):
+        return None
+    winner = str(data.get("winner", "")).lower()
+    if winner.strip() == "tie":
+        return 0.5
+    first, second = _SIDE[1].search(winner), _SIDE[2].search(winner)
+    if first and not second:
+        return 1.0
+    if second and not first:
+        return 0.0
+    return None
+
+
+PARSERS = {("think", "strict"): parse_think, ("flex", "strict"): parse_flex,
+           ("think", "official"): parse_think_official, ("flex", "official"): parse_flex_official}
+PARSER_NAMES = ("strict", "official")
 
 _CAPTION_PATTERNS = (
     ("think", re.compile(r"「(.*)」", re.S)),
@@ -166,29 +244,45 @@ class VLMJudge(Judge):
     def __init__(self, base_url: str = "http://127.0.0.1:8080/v1", model: str = "UnifiedReward",
                  format: str = "think", instruction: str | None = None, api_key: str | None = None,
                  api_key_env: str | None = None, timeout: float = 300.0, max_retries: int = 3,
-                 backoff: float = 1.0, concurrency: int = 32, max_tokens: int = 2048, temperature: float = 0.0,
-                 parse_retries: int = 2, retry_temperature: float = 0.7, image_format: str = "PNG",
+                 backoff: float = 1.0, concurrency: int = 32, max_tokens: int = 2048,
+                 temperature: float | None = 0.0, parse_retries: int = 2, retry_temperature: float | None = 0.7,
+                 image_format: str = "PNG", image_quality: int = 95, parser: str = "strict",
+                 template_file: str | None = None, template_syntax: str | None = None,
                  extra_body: dict | None = None):
         if format not in INSTRUCTIONS:
             raise RewardError(f"vlm judge format must be one of {sorted(INSTRUCTIONS)}, got {format!r}")
-        if instruction is not None and "{prompt}" not in instruction:
-            raise RewardError("vlm judge instruction must contain the placeholder {prompt}")
+        if parser not in PARSER_NAMES:
+            raise RewardError(f"vlm judge parser must be one of {list(PARSER_NAMES)}, got {parser!r}")
         if image_format.upper() not in ("PNG", "JPEG"):
             raise RewardError(f"vlm judge image_format must be PNG or JPEG, got {image_format!r}")
+        if not 1 <= int(image_quality) <= 100:
+            raise RewardError(f"vlm judge image_quality must be in 1..100, got {image_quality!r}")
+        if int(max_tokens) < 1:
+            raise RewardError(f"vlm judge max_tokens must be >= 1, got {max_tokens!r}")
         if parse_retries < 0 or max_retries < 0:
             raise RewardError("vlm judge parse_retries and max_retries must be >= 0")
         if api_key is None and api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise RewardError(f"vlm judge: environment variable {api_key_env} (api_key_env) is not set")
+        try:
+            self.template = prompt_templates.resolve(template_file, instruction, INSTRUCTIONS[format], ("prompt",),
+                                                     syntax=template_syntax, what="vlm judge instruction")
+        except prompt_templates.TemplateError as exc:
+            raise RewardError(str(exc)) from None
         self.format = format
-        self.instruction = instruction or INSTRUCTIONS[format]
-        self.parse = PARSERS[format]
+        self.instruction = self.template.text
+        self.parser = parser
+        self.parse = PARSERS[(format, parser)]
         self.parse_retries = int(parse_retries)
         self.image_format = image_format.upper()
+        self.image_quality = int(image_quality)
+        # Only JPEG takes a quality; PNG is encoded exactly as before.
+        self._encode_kwargs = {"quality": self.image_quality} if self.image_format == "JPEG" else {}
         self.config = ChatConfig(base_url=base_url, model=model, api_key=api_key, timeout=timeout,
                                  max_retries=max_retries, backoff=backoff, concurrency=concurrency,
-                                 max_tokens=max_tokens, temperature=temperature, extra_body=dict(extra_body or {}))
+                                 max_tokens=int(max_tokens), temperature=temperature,
+                                 extra_body=dict(extra_body or {}))
         self.client = ChatClient(self.config)
         self.retry_client = ChatClient(replace(self.config, temperature=retry_temperature))
         self.name = f"vlm_{format}({model})"
@@ -202,11 +296,11 @@ class VLMJudge(Judge):
             key = hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest() + str(img.shape)
             url = _urls.get(key) if _urls is not None else None
             if url is None:
-                url = image_to_data_url(img, self.image_format)
+                url = image_to_data_url(img, self.image_format, **self._encode_kwargs)
                 if _urls is not None:
                     _urls[key] = url
             parts.append({"type": "image_url", "image_url": {"url": url}})
-        text = self.instruction.replace("{prompt}", prompt)
+        text = self.template.fill(prompt=prompt)
         return [{"role": "user", "content": [*parts, text_part(text)]}]
 
     def judge(self, prompts, images_a, images_b, metadata=None) -> JudgeResult:
