@@ -57,6 +57,9 @@ class SampleConfig:
     # cps log-probs: "true" Gaussian density, or "reference" (-(x' - mean)^2 as the CPS reference code:
     # log-ratios 2 s_t^2 times the true ones, which changes when the clip binds); docs/fidelity.md
     cps_logprob: str = "true"
+    # what the rewards judge: "final" = the decoded last SDE sample (it keeps the last step's noise);
+    # "clean_prediction" = the last step's x - sigma v (Pref-GRPO official); docs/fidelity.md
+    judged_image: str = "final"
     group_size: int = 8  # K images per prompt: the group advantages are normalised in
     prompts_per_step: int = 8  # groups per GRPO iteration, across all processes
     batch_size: int = 32  # images per forward pass per process while sampling
@@ -92,6 +95,9 @@ class OptimConfig:
     adv_std_ddof: int = 0  # std estimator: 0 population (Flow-GRPO reference), 1 unbiased (Pref-GRPO official)
     adv_clip: float = 5.0  # clamp advantages to +-adv_clip (reference: 5)
     adv_clip_after_mix: bool = False  # reward.mix advantage: clamp the mixed sum (Pref-GRPO official), not each A_k
+    # GDPO (Pref-GRPO official): re-normalise the final advantage over the gathered batch,
+    # (A - mean) / (std + adv_eps) with adv_std_ddof, then clamp; groups with no signal stay 0
+    adv_batch_renorm: bool = False
     drop_zero_signal: bool = True  # skip groups whose rewards are all equal (no gradient, saves time)
     # The training objective (docs/objectives.md). ratio: Flow-GRPO, the clipped ratio of the SDE
     # steps' Gaussian log-probs. awm: Advantage Weighted Matching (arXiv 2509.25050), the same
@@ -122,6 +128,13 @@ class OptimConfig:
     sup_target: str = "auto"  # supervised: target provider (auto = the first whose renderer accepts the prompt)
     timestep_mode: str = "first"  # first: the first fraction of SDE steps (fm_timesteps rollout: of all); random: some
     timestep_fraction: float = 0.99  # 0.99 of 10 steps -> 9 (the last, nearly clean, step is skipped)
+    # ratio, timestep_mode random: "shared" = one subset for the whole iteration; "per_sample" = a
+    # fresh subset per image from (seed, iteration, image index) (Pref-GRPO official)
+    timestep_subset: str = "shared"
+    timestep_exclude_last: bool = False  # ratio: never train the last step; the fraction takes the rest (Pref-GRPO)
+    # ratio: Pref-GRPO's RatioNorm, log-ratio (logp - logp_old + mean (mu - mu_old)^2 / (2 std^2)) std
+    # and each sample's clipped term divided by its step's sigma - sigma_next; flow_sde only; docs/fidelity.md
+    ratio_norm: bool = False
     inner_epochs: int = 1  # passes over each batch of rollouts
     train_batch_size: int = 32  # samples per forward/backward per process
     optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split into this many chunks)
@@ -166,7 +179,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .algorithms.objectives.reward_filtered import SELECT
     from .algorithms.objectives.targets import PROVIDERS
     from .config import ConfigError
-    from .sampling import KINDS
+    from .sampling import JUDGED_IMAGES, KINDS
 
     s, o, r = cfg.sample, cfg.optim, cfg.reward
     if o.policy_loss not in OBJECTIVES:
@@ -186,6 +199,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"must fit in sample.num_steps {s.num_steps}")
     if s.cps_logprob not in ("true", "reference"):
         raise ConfigError(f"sample.cps_logprob must be 'true' or 'reference', got {s.cps_logprob!r}")
+    if s.judged_image not in JUDGED_IMAGES:
+        raise ConfigError(f"sample.judged_image must be one of {', '.join(JUDGED_IMAGES)}, got {s.judged_image!r}")
+    if o.timestep_subset not in ("shared", "per_sample"):
+        raise ConfigError(f"optim.timestep_subset must be 'shared' or 'per_sample', got {o.timestep_subset!r}")
+    if o.timestep_subset == "per_sample" and o.timestep_mode != "random":
+        raise ConfigError("optim.timestep_subset per_sample draws a random subset per image: it needs "
+                          f"optim.timestep_mode random, got {o.timestep_mode!r}")
+    if (o.timestep_subset == "per_sample" or o.timestep_exclude_last) and o.policy_loss != "ratio":
+        raise ConfigError("optim.timestep_subset per_sample and optim.timestep_exclude_last apply to the ratio "
+                          f"objective's trained steps (as Pref-GRPO), not to optim.policy_loss {o.policy_loss}")
+    if o.timestep_exclude_last and (s.num_steps < 2 or s.window_size == 1
+                                    and s.window_start_range[-1] == s.num_steps - 1):
+        raise ConfigError("optim.timestep_exclude_last leaves no step to train: the SDE window can be the last "
+                          "step alone (or sample.num_steps is 1)")
+    if o.ratio_norm and (o.policy_loss != "ratio" or s.kind != "flow_sde"):
+        raise ConfigError(f"optim.ratio_norm is Pref-GRPO's normalisation of the flow_sde ratio: it needs "
+                          f"optim.policy_loss ratio and sample.kind flow_sde, got {o.policy_loss} / {s.kind}")
     if o.adv_std_ddof not in (0, 1):
         raise ConfigError(f"optim.adv_std_ddof must be 0 (population) or 1 (unbiased), got {o.adv_std_ddof}")
     if o.adv_std not in ("group", "global"):

@@ -53,6 +53,7 @@ class Batch:
     rewards: dict[str, np.ndarray] = field(default_factory=dict)
     all_advantages: torch.Tensor | None = None  # the gathered batch's advantages (set by score)
     all_group_ids: torch.Tensor | None = None  # and its group ids
+    means: torch.Tensor | None = None  # each step's Gaussian mean, when the objective keeps them
 
 
 class Trainer:
@@ -148,7 +149,8 @@ class Trainer:
         metadata = [items[g]["metadata"] for g in group_ids.tolist()]
         window = self.draw_window(iteration)
         shape = self.policy.latent_shape(self.resolution, self.resolution)
-        lat, lps, imgs = [], [], []
+        lat, lps, imgs, means = [], [], [], []
+        keep_means = self.objective.keeps_step_means
         cond = self.encode(prompts)
         with self.objective.sampling_context():  # e.g. NFT samples with its old weights
             for start in range(0, per_proc, s.batch_size):
@@ -161,12 +163,14 @@ class Trainer:
                 traj = rollout(self.policy, index_condition(cond, sl), self.negative, num_steps=s.num_steps,
                                guidance=s.guidance, noise_level=s.noise_level, kind=s.kind, height=self.resolution,
                                width=self.resolution, generator=[derived_generator(seed, iteration, 4, i) for i in ids],
-                               window=window, init_latents=init, cps_logprob=s.cps_logprob)
+                               window=window, init_latents=init, cps_logprob=s.cps_logprob,
+                               judged=s.judged_image, keep_means=keep_means)
                 lat.append(traj.latents)
+                means.append(traj.means)
                 lps.append(traj.log_probs)
                 imgs.append(as_uint8_images(traj.images))
         return Batch(prompts, metadata, gidx, group_ids, cond, torch.cat(lat), torch.cat(lps), np.concatenate(imgs),
-                     traj.sigmas, traj.sde_steps)
+                     traj.sigmas, traj.sde_steps, means=torch.cat(means) if keep_means else None)
 
     # ---- 3-4: rewards and advantages ----------------------------------------------------
     def score(self, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -199,7 +203,8 @@ class Trainer:
             stats[f"reward/{name}/mean"] = float(scores.mean())
             stats[f"reward/{name}/std"] = float(scores.std(unbiased=False))
         o, w = self.cfg.optim, self.cfg.reward.weights
-        kw = dict(std_mode=o.adv_std, eps=o.adv_eps, clip=o.adv_clip, ddof=o.adv_std_ddof)
+        kw = dict(std_mode=o.adv_std, eps=o.adv_eps, clip=o.adv_clip, ddof=o.adv_std_ddof,
+                  batch_renorm=o.adv_batch_renorm)
         total = sum(w[n] * r for n, r in global_rewards.items())
         stats["reward/mean"], stats["reward/std"] = float(total.mean()), float(total.std(unbiased=False))
         if self.cfg.reward.mix == "advantage":

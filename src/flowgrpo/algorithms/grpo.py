@@ -1,4 +1,4 @@
-"""The GRPO policy loss for one trained timestep, its KL term, timestep selection and EMA.
+"""The GRPO policy loss for one trained timestep, its KL term, RatioNorm, timestep selection and EMA.
 
 Per timestep t of a stored trajectory (x_t -> x_{t+1}, old log-prob, advantage A):
     ratio = exp(logp_theta - logp_old)
@@ -38,16 +38,35 @@ def _mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return (x * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+def ratio_norm_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor,
+                         old_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """RatioNorm (Pref-GRPO's newer code), per sample:
+        (logp - logp_old + mean_CHW (mu - mu_old)^2 / (2 std^2)) * std
+    With x' = mu_old + std eps and Gaussian log-probs averaged over C, H, W this is
+    mean_CHW eps (mu - mu_old): the quadratic term cancels and the 1/std scale goes, so the
+    log-ratio no longer grows as the step's std shrinks. Samples with std 0 score 0."""
+    std = std.reshape(-1).to(log_prob.dtype)
+    dims = tuple(range(1, mean.ndim))
+    sq = ((mean.float() - old_mean.float()) ** 2).mean(dim=dims)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    out = (log_prob - old_log_prob + sq / (2 * safe**2)) * safe
+    return torch.where(std > 0, out, torch.zeros_like(out))
+
+
 def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
-              kl: torch.Tensor | None = None, kl_beta: float = 0.0, weights: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, LossStats]:
+              kl: torch.Tensor | None = None, kl_beta: float = 0.0, weights: torch.Tensor | None = None,
+              sample_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
     """`kl` is per sample (kl_to_reference); `weights` (0/1 per sample) masks padding
-    samples that only keep distributed processes in step."""
+    samples that only keep distributed processes in step; `sample_scale` multiplies each
+    sample's clipped term (RatioNorm: 1 / |dt|). The ratio is exp(log_prob - old_log_prob)."""
     diff = log_prob - old_log_prob
     ratio = torch.exp(diff)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = _mean(torch.maximum(unclipped, clipped), weights)
+    per_sample = torch.maximum(unclipped, clipped)
+    if sample_scale is not None:
+        per_sample = per_sample * sample_scale
+    policy_loss = _mean(per_sample, weights)
     kl_mean = _mean(kl, weights) if kl is not None else None
     loss = policy_loss + (kl_beta * kl_mean if kl_mean is not None and kl_beta else 0.0)
     with torch.no_grad():
@@ -63,15 +82,27 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
     return loss, stats
 
 
-def select_timesteps(sde_steps: torch.Tensor, mode: str, fraction: float, generator: torch.Generator | None = None
-                     ) -> list[int]:
-    """Which stochastic transitions to train on.
+def candidate_steps(sde_steps: torch.Tensor, exclude_last: bool = False) -> list[int]:
+    """The trainable transitions: the stochastic ones, without the sampler's last step
+    (index N - 1, the step into sigma 0) when `exclude_last`."""
+    steps = torch.nonzero(sde_steps).flatten().tolist()
+    if exclude_last and steps:
+        steps = [s for s in steps if s != len(sde_steps) - 1]
+        if not steps:
+            raise ValueError("no step to train: the only stochastic step is the last one (timestep_exclude_last)")
+    return steps
+
+
+def select_timesteps(sde_steps: torch.Tensor, mode: str, fraction: float, generator: torch.Generator | None = None,
+                     exclude_last: bool = False) -> list[int]:
+    """Which stochastic transitions to train on (the same for every sample).
 
     "first": the first int(n * fraction) of them (0.99 of 10 -> 9: the last, nearly clean,
     step is skipped, as in Flow-GRPO). "random": a random int(n * fraction) of them, drawn
     from `generator` (Pref-GRPO trains a random 60%); seed it identically on every process.
+    n counts the candidates (candidate_steps), so `exclude_last` takes the fraction of the rest.
     """
-    steps = torch.nonzero(sde_steps).flatten().tolist()
+    steps = candidate_steps(sde_steps, exclude_last)
     n = max(1, int(len(steps) * fraction))
     if mode == "first":
         return steps[:n]
@@ -79,6 +110,16 @@ def select_timesteps(sde_steps: torch.Tensor, mode: str, fraction: float, genera
         perm = torch.randperm(len(steps), generator=generator).tolist()
         return sorted(steps[i] for i in perm[:n])
     raise ValueError(f"timestep mode must be 'first' or 'random', got {mode!r}")
+
+
+def select_timesteps_per_sample(sde_steps: torch.Tensor, fraction: float, generators: list[torch.Generator],
+                                exclude_last: bool = False) -> torch.Tensor:
+    """A fresh random subset for each sample (Pref-GRPO's per-sample permutation): row i holds
+    int(n * fraction) distinct candidate steps, sorted, drawn from generators[i]. (B, k) long."""
+    steps = torch.tensor(candidate_steps(sde_steps, exclude_last))
+    n = max(1, int(len(steps) * fraction))
+    rows = [steps[torch.randperm(len(steps), generator=g)[:n]].sort().values for g in generators]
+    return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.long)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Adv-GRPO's adversarial reward: a frozen feature backbone and a trainable discriminator head.
 
 D(x) = head(norm(f(x))), where f is a frozen ViT (DINOv2 through transformers' `Dinov2Model`)
-giving a CLS token and N patch tokens, `norm` a parameter-free feature normalisation, and
+giving a CLS token and N patch tokens, `norm` a parameter-free per-token normalisation, and
 head an MLP dim -> round(2 dim / 3) -> GELU -> 1 (768 -> 512 -> 1 for DINOv2-B) shared by
 CLS and patch tokens. Only the head trains: Adam, lr 1e-4, betas (0.5, 0.999).
 
@@ -19,9 +19,10 @@ generated images g negative, hinge loss:
 where the patch terms run over `n_patches` positions drawn per image from a stateful
 generator that is checkpointed with the head.
 
-Training and scoring share one feature path (`features` -> `_normalize` -> head): the
-reference normalises features when scoring but not when training, so its reward scores
-inputs its head never saw.
+By default training and scoring share one normalisation (`feature_norm`, layer norm). The
+official code trains the head on the backbone's tokens as they come and scores unit-L2-normalised
+ones, x / (||x|| + 1e-6), so its reward scores inputs its head never saw; `feature_norm="none"`
+with `score_feature_norm="unit"` reproduces that (docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .base import Reward, RewardError, RewardOutput, as_uint8_images, register
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BACKBONE = "facebook/dinov2-base"
-FEATURE_NORMS = ("layernorm", "l2", "none")
+FEATURE_NORMS = ("layernorm", "l2", "unit", "none")
 
 
 # ---- backbone -------------------------------------------------------------------------------
@@ -216,11 +217,13 @@ def make_head(dim: int, hidden: int | None = None, seed: int = 0) -> nn.Sequenti
 def _normalize(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Per token: "layernorm" = (x - mean) / std over the feature axis (no affine);
     "l2" = x / ||x|| * sqrt(D) (unit RMS, so the head's input scale does not depend on D);
-    "none" = x."""
+    "unit" = x / (||x|| + 1e-6) (unit norm, the official scoring's); "none" = x."""
     if kind == "layernorm":
         return F.layer_norm(x, x.shape[-1:], eps=1e-6)
     if kind == "l2":
         return F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
+    if kind == "unit":
+        return x / (x.norm(dim=-1, keepdim=True) + 1e-6)
     return x
 
 
@@ -249,7 +252,10 @@ class AdversarialReward(Reward):
         cls_weight, patch_weight: reward weights of D(CLS) and mean D(patches).
         loss_patch_weight: weight of the patch hinge term in the discriminator loss.
         n_patches: patch tokens sampled per image (all of them when the backbone has fewer).
-        feature_norm: "layernorm", "l2" or "none"; the same at scoring and training.
+        feature_norm: "layernorm", "l2", "unit" or "none": the tokens the head trains on, and
+            scores unless `score_feature_norm` is given.
+        score_feature_norm: None (= feature_norm) or one of the same, for scoring only; the
+            official code trains on raw tokens ("none") and scores "unit"-normalised ones.
         on_missing: "error" or "skip" for prompts without references (and, when loading a
             JSON, for missing files); skipped prompts take no part in a discriminator step.
     """
@@ -259,14 +265,16 @@ class AdversarialReward(Reward):
 
     def __init__(self, backbone: Any = DEFAULT_BACKBONE, references: Any = "shapes", *,
                  cls_weight: float = 0.7, patch_weight: float = 0.3, loss_patch_weight: float = 0.3,
-                 n_patches: int = 64, feature_norm: str = "layernorm", head_hidden: int | None = None,
+                 n_patches: int = 64, feature_norm: str = "layernorm", score_feature_norm: str | None = None,
+                 head_hidden: int | None = None,
                  lr: float = 1e-4, betas: Sequence[float] = (0.5, 0.999), seed: int = 0,
                  image_size: int | None = None, device: Any = None, dtype: str = "float32",
                  batch_size: int = 32, on_missing: str = "error"):
         from .references import load_references
 
-        if feature_norm not in FEATURE_NORMS:
-            raise RewardError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        for key, value in (("feature_norm", feature_norm), ("score_feature_norm", score_feature_norm)):
+            if value not in FEATURE_NORMS and not (key == "score_feature_norm" and value is None):
+                raise RewardError(f"{key} must be one of {FEATURE_NORMS}, got {value!r}")
         if int(n_patches) < 1:
             raise RewardError(f"n_patches must be at least 1, got {n_patches}")
         if len(tuple(betas)) != 2:
@@ -277,7 +285,8 @@ class AdversarialReward(Reward):
         self.cls_weight, self.patch_weight = float(cls_weight), float(patch_weight)
         self.loss_patch_weight = float(loss_patch_weight)
         self.n_patches = min(int(n_patches), self.backbone.num_patches)
-        self.feature_norm = feature_norm
+        self.feature_norm = feature_norm  # training
+        self.score_feature_norm = score_feature_norm or feature_norm
         self.seed = int(seed)
         self.head = make_head(self.backbone.dim, head_hidden, seed).to(self.device)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=float(lr),
@@ -287,10 +296,11 @@ class AdversarialReward(Reward):
         self._fingerprint: torch.Tensor | None = None
 
     # -- scoring ------------------------------------------------------------------------------
-    def features(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised (CLS (B, D), patches (B, N, D)): the one feature path of D."""
+    def features(self, images, norm: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS (B, D), patches (B, N, D)) normalised as scoring does (or as `norm` says)."""
         cls, patches = self.backbone(images)
-        return _normalize(cls, self.feature_norm), _normalize(patches, self.feature_norm)
+        kind = norm or self.score_feature_norm
+        return _normalize(cls, kind), _normalize(patches, kind)
 
     def _d(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x).squeeze(-1)
@@ -320,8 +330,9 @@ class AdversarialReward(Reward):
         """One Adam step of the head: references of `prompts` positive, `images` negative.
 
         Returns d_loss, acc_ref (share of references with D(cls) > 0), acc_gen (share of
-        samples with D(cls) < 0), reward_ref and reward_gen (mean reward, with this step's
-        patch draws, before the step) and d_skipped (images whose prompt has no reference
+        samples with D(cls) < 0), both on the training features, reward_ref and reward_gen
+        (mean reward as scoring computes it, with this step's patch draws, before the step)
+        and d_skipped (images whose prompt has no reference
         under on_missing="skip")."""
         images = as_uint8_images(images)
         if len(prompts) != len(images):
@@ -331,14 +342,20 @@ class AdversarialReward(Reward):
         keep = [i for i, r in enumerate(refs) if r is not None]
         if not keep:
             return {"d_skipped": float(len(images))}
-        gen_cls, gen_patch = self.features(images[keep])
-        ref_cls, ref_patch = self.features([refs[i] for i in keep])
+        gen_cls, gen_patch = self.backbone(images[keep])
+        ref_cls, ref_patch = self.backbone([refs[i] for i in keep])
         gen_patch = _gather_patches(gen_patch, self._train_positions(len(keep)))
         ref_patch = _gather_patches(ref_patch, self._train_positions(len(keep)))
+        raw = (ref_cls, gen_cls, ref_patch, gen_patch)  # normalisation is per token: gathering first is the same
+        ref_cls, gen_cls, ref_patch, gen_patch = (_normalize(x, self.feature_norm) for x in raw)
 
         self.head.train()
         d_ref_cls, d_gen_cls = self._d(ref_cls), self._d(gen_cls)
         d_ref_patch, d_gen_patch = self._d(ref_patch), self._d(gen_patch)
+        scored = (d_ref_cls, d_gen_cls, d_ref_patch, d_gen_patch)
+        if self.score_feature_norm != self.feature_norm:  # the rewards as scoring computes them, head before the step
+            with torch.no_grad():
+                scored = tuple(self._d(_normalize(x, self.score_feature_norm)) for x in raw)
         loss_cls = 0.5 * (F.relu(1 - d_ref_cls).mean() + F.relu(1 + d_gen_cls).mean())
         loss_patch = 0.5 * (F.relu(1 - d_ref_patch).mean() + F.relu(1 + d_gen_patch).mean())
         loss = loss_cls + self.loss_patch_weight * loss_patch
@@ -349,8 +366,9 @@ class AdversarialReward(Reward):
         self.n_updates += 1
 
         with torch.no_grad():
-            reward_ref = self.cls_weight * d_ref_cls + self.patch_weight * d_ref_patch.mean(1)
-            reward_gen = self.cls_weight * d_gen_cls + self.patch_weight * d_gen_patch.mean(1)
+            s_ref_cls, s_gen_cls, s_ref_patch, s_gen_patch = scored
+            reward_ref = self.cls_weight * s_ref_cls + self.patch_weight * s_ref_patch.mean(1)
+            reward_gen = self.cls_weight * s_gen_cls + self.patch_weight * s_gen_patch.mean(1)
             return {
                 "d_loss": float(loss), "d_loss_cls": float(loss_cls), "d_loss_patch": float(loss_patch),
                 "acc_ref": float((d_ref_cls > 0).float().mean()), "acc_gen": float((d_gen_cls < 0).float().mean()),

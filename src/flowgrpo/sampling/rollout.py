@@ -9,6 +9,11 @@ import torch
 from ..models.base import Condition
 from .step import sde_step
 
+# What a trajectory's `images` show (sample.judged_image): the decoded final sample, or the last
+# step's clean prediction x - sigma v (Pref-GRPO decodes that: the final SDE sample keeps the last
+# step's noise). The two agree when the last step is deterministic (ode, or cps whose s_t is 0 there).
+JUDGED_IMAGES = ("final", "clean_prediction")
+
 
 @dataclass
 class Trajectory:
@@ -17,6 +22,7 @@ class Trajectory:
     log_probs: torch.Tensor  # (B, N) log p(x_{i+1} | x_i); 0 on ODE steps
     sigmas: torch.Tensor  # (N + 1,)
     sde_steps: torch.Tensor  # (N,) bool: stochastic transitions, the only trainable ones
+    means: torch.Tensor | None = None  # (B, N, *latent) each step's mean, when asked for (keep_means)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -59,12 +65,18 @@ def initial_noise(shape: tuple[int, ...], batch: int, generator,
 def rollout(policy, cond: Condition, negative: Condition | None, *, num_steps: int, guidance: float,
             noise_level: float, kind: str, height: int, width: int, generator,
             window: tuple[int, int] | None = None, init_latents: torch.Tensor | None = None,
-            decode: bool = True, cps_logprob: str = "true") -> Trajectory:
+            decode: bool = True, cps_logprob: str = "true", judged: str = "final",
+            keep_means: bool = False) -> Trajectory:
     """Sample a batch. Steps inside `window` (all when None) use `kind`, the rest the ODE.
+
+    `judged`: which latent `images` decode (JUDGED_IMAGES). `keep_means`: also return every
+    step's Gaussian mean (objectives that compare old and new means, e.g. RatioNorm).
 
     `generator` is one torch.Generator or a list with one per image (the trainer's choice, so
     that an image's noise depends only on its seed, not on which process or batch drew it).
     """
+    if judged not in JUDGED_IMAGES:
+        raise ValueError(f"judged must be one of {JUDGED_IMAGES}, got {judged!r}")
     batch = next(iter(cond.values())).shape[0]
     device = policy.device
     sigmas = policy.sigmas(num_steps, height, width)
@@ -74,14 +86,20 @@ def rollout(policy, cond: Condition, negative: Condition | None, *, num_steps: i
     neg = None
     if negative is not None and guidance != 1.0:
         neg = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in negative.items()}
-    states, logps = [x], []
+    states, logps, means = [x], [], []
+    clean = x
     for i in range(num_steps):
         v = policy.velocity(x, sigmas[i], cond, neg, guidance)
         step_kind = kind if mask[i] else "ode"
         noise = randn_like_batch(x.shape[1:], batch, generator).to(device) if step_kind != "ode" else None
         out = sde_step(v, x, sigmas[i], sigmas[i + 1], noise, noise_level, step_kind, cps_logprob=cps_logprob)
+        if i == num_steps - 1 and judged == "clean_prediction":
+            clean = x - sigmas[i] * v.float()  # the last step's prediction of x_0
         x = out.prev_sample
         states.append(x)
         logps.append(out.log_prob)
-    images = policy.decode(x) if decode else torch.empty(0)
-    return Trajectory(images, torch.stack(states, 1), torch.stack(logps, 1), sigmas, mask)
+        if keep_means:
+            means.append(out.mean)
+    images = policy.decode(clean if judged == "clean_prediction" else x) if decode else torch.empty(0)
+    return Trajectory(images, torch.stack(states, 1), torch.stack(logps, 1), sigmas, mask,
+                      torch.stack(means, 1) if keep_means else None)

@@ -68,6 +68,11 @@ class Objective:
         """Whether the loss runs the reference model (full fine-tuning then keeps a frozen copy)."""
         return cfg.optim.kl_beta > 0
 
+    @property
+    def keeps_step_means(self) -> bool:
+        """Whether rollouts must also store each step's Gaussian mean (batch.means)."""
+        return False
+
     def sampling_context(self) -> contextlib.AbstractContextManager:
         """Entered around the rollouts: which weights sample them (default: the trained ones)."""
         return contextlib.nullcontext()
