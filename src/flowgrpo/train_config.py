@@ -111,6 +111,9 @@ class OptimConfig:
     # "rollout" = the sampler's own sigmas (timestep_mode/fraction pick them: 9 of 10, as DiffusionNFT),
     # or a count such as "2" of logit-normal draws
     fm_timesteps: str = "rollout"
+    # nft, reward_filtered, supervised: [lo, hi] draws the noise levels uniformly there instead of
+    # logit-normal (with "rollout": keeps the sigmas inside it); composition is decided at high noise
+    fm_sigma_range: Optional[list[float]] = None
     nft_beta: float = 1.0  # nft: v+ = beta v + (1 - beta) v_old; 1 GenEval/PickScore, 0.1 OCR (smaller = stronger)
     # nft: what the clipped advantage becomes before r = A / adv_clip / 2 + 0.5: all (itself),
     # positive_only, negative_only, binary (its sign), one_only (1 if A > 0 else 0), as the official code
@@ -224,6 +227,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.awm_timesteps must be >= 1 with policy_loss awm, got {o.awm_timesteps}")
     if o.fm_timesteps != "rollout" and not (o.fm_timesteps.isdigit() and int(o.fm_timesteps) >= 1):
         raise ConfigError(f"optim.fm_timesteps must be 'rollout' or a count >= 1, got {o.fm_timesteps!r}")
+    if o.fm_sigma_range is not None and not (len(o.fm_sigma_range) == 2 and
+                                              0.0 <= o.fm_sigma_range[0] < o.fm_sigma_range[1] <= 1.0):
+        raise ConfigError(f"optim.fm_sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, got {o.fm_sigma_range}")
     if o.nft_beta <= 0:
         raise ConfigError(f"optim.nft_beta must be > 0 (it divides the loss), got {o.nft_beta}")
     if o.nft_adv_mode not in ADV_MODES:
