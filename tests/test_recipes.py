@@ -1,0 +1,171 @@
+"""The GPU recipes: each loads and validates, its reward arguments are ones the rewards take, and
+the recipes that copy a paper hold the official values listed in docs/fidelity.md (CPU, no model
+is loaded)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from flowgrpo.config import load_config
+from flowgrpo.train_config import TrainConfig, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+
+
+def recipe(name: str) -> TrainConfig:
+    return validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / name))
+
+
+def reward_args(cfg: TrainConfig) -> dict:
+    args = cfg.reward.args
+    return args if isinstance(args, dict) else OmegaConf.to_container(args)
+
+
+def _params(fn) -> tuple[set[str], bool]:
+    sig = inspect.signature(fn)
+    names = {n for n, p in sig.parameters.items()
+             if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _accepted(chain) -> set[str]:
+    """Keyword arguments a factory takes, following **kwargs into the next callable of the chain."""
+    out: set[str] = set()
+    for fn in chain:
+        names, more = _params(fn)
+        out |= names
+        if not more:
+            break
+    return out
+
+
+def constructor_chains() -> dict[str, list]:
+    from flowgrpo.rewards import adversarial, clip, geneval, ocr, remote
+    from flowgrpo.rewards.base import _REGISTRY, _import_builtin
+
+    _import_builtin()
+    return {
+        "clip": [_REGISTRY["clip"], clip.ClipTextImageReward.__init__],
+        "pickscore": [_REGISTRY["pickscore"], clip.ClipTextImageReward.__init__],
+        "adversarial": [adversarial.AdversarialReward.__init__],
+        "ocr": [_REGISTRY["ocr"], ocr.OcrReward.__init__],
+        "geneval": [_REGISTRY["geneval"], geneval.GenevalReward.__init__, remote.RemoteReward.__init__],
+    }
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_loads_validates_and_its_reward_args_are_accepted(path):
+    cfg = validate(load_config(TrainConfig, path))
+    head = path.read_text().split("\nmodel:")[0]
+    assert "flowgrpo train configs/recipes/" + path.name in head and "GPU" in head
+    assert "docs/fidelity.md" in head, "every recipe points to its fidelity rows"
+    args = reward_args(cfg)
+    assert set(args) <= set(cfg.reward.weights) | {"adversarial"}
+    chains = constructor_chains()
+    for name, kwargs in args.items():
+        if name == "pref_winrate":
+            from flowgrpo.rewards.base import make_reward
+
+            make_reward(name, **kwargs)  # builds the VLM judge: checks every judge_args key, no request sent
+            continue
+        unknown = set(kwargs) - _accepted(chains[name])
+        assert not unknown, f"{path.name}: reward.args.{name} has unknown keys {sorted(unknown)}"
+
+
+def test_every_recipe_has_a_section_in_the_fidelity_table():
+    text = (ROOT / "docs" / "fidelity.md").read_text()
+    for path in RECIPES:
+        assert f"`{path.name}`" in text, path.name
+
+
+@pytest.mark.parametrize("name", ["flux_dev_prefgrpo.yaml", "qwen_image_prefgrpo.yaml"])
+def test_pref_grpo_recipes_hold_the_official_values(name):
+    """CodeGoat24/Pref-GRPO scripts/_common_finetune.sh and scripts/lora/lora_ur_think_prefgrpo_*.sh."""
+    cfg = recipe(name)
+    s, o, r = cfg.sample, cfg.optim, cfg.reward
+    assert (s.group_size, s.prompts_per_step, o.optimizer_steps, o.steps) == (8, 64, 2, 471)
+    assert s.resolution == 720 and s.noise_level == 0.7 and s.kind == "flow_sde" and cfg.model.shift == 3.0
+    assert s.same_noise_per_group and s.judged_image == "clean_prediction"
+    assert (o.clip_range, o.kl_beta, o.adv_clip, o.max_grad_norm, o.weight_decay) == (1e-4, 0.0, 5.0, 1.0, 1e-4)
+    assert (o.adv_std, o.adv_std_ddof, o.adv_eps) == ("group", 1, 1e-8)
+    assert o.adv_clip_after_mix and o.adv_batch_renorm and o.ratio_norm
+    assert (o.timestep_mode, o.timestep_fraction, o.timestep_subset) == ("random", 0.6, "per_sample")
+    assert o.ema_decay == 0.0
+    # FLUX.1 keeps the last step a candidate for the tiny-model test (fidelity.md): one override away
+    assert o.timestep_exclude_last or name == "flux_dev_prefgrpo.yaml"
+    official = validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / name,
+                                    ["optim.timestep_exclude_last=true"]))
+    assert official.optim.timestep_exclude_last
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.init) == (64, 128, "kaiming")
+    assert r.mix == "advantage" and r.weights == {"pref_winrate": 0.4, "clip": 0.6}
+    judge = reward_args(cfg)["pref_winrate"]["judge_args"]
+    assert (judge["image_format"], judge["image_quality"], judge["max_tokens"]) == ("JPEG", 95, 4096)
+    assert judge["parser"] == "official" and judge["parse_retries"] == 0 and judge["temperature"] is None
+    clip = reward_args(cfg)["clip"]
+    assert clip["backend"] == "open_clip" and clip["model"].startswith("ViT-H-14:")
+    assert "dfn5b" in clip["model"].lower()
+    if name.startswith("flux_dev"):
+        assert (s.num_steps, s.guidance, o.lr) == (25, 3.5, 1e-5)
+    else:  # Qwen-Image: 20 steps, no CFG, lr 1e-4
+        assert (s.num_steps, s.guidance, o.lr) == (20, 1.0, 1e-4)
+
+
+def test_adv_grpo_recipe_holds_the_official_values():
+    """showlab/Adv-GRPO config/grpo.py:dino_cotrain_sd3_patch_fast, scripts/train_sd3_fast_dino_patch.py."""
+    cfg = recipe("sd35m_advgrpo.yaml")
+    s, o, r = cfg.sample, cfg.optim, cfg.reward
+    assert (s.kind, s.cps_logprob, s.noise_level) == ("cps", "reference", 0.8)
+    assert (s.window_size, list(s.window_start_range)) == (2, [0, 0]) and o.timestep_fraction == 1.0
+    assert (s.num_steps, s.guidance, s.resolution) == (10, 4.5, 512)
+    assert (s.group_size, s.prompts_per_step, o.optimizer_steps) == (16, 48, 2)
+    assert (o.clip_range, o.kl_beta, o.lr, o.adv_std) == (1e-5, 0.0, 3e-4, "global")
+    assert (r.d_steps, r.d_period) == (9, 10)
+    # the official loop stops once its global step (+1 a discriminator iteration, +2 a generator
+    # one) reaches 1,000: 91 periods of 10 iterations
+    periods = o.steps // r.d_period
+    assert o.steps % r.d_period == 0 and periods * (r.d_steps + 2 * (r.d_period - r.d_steps)) >= 1000
+    assert (periods - 1) * (r.d_steps + 2) + r.d_steps < 1000
+    assert o.ema_decay == 0.9 and o.ema_warmup and o.ema_every == r.d_period
+    adv = reward_args(cfg)["adversarial"]
+    assert (adv["feature_norm"], adv["score_feature_norm"]) == ("none", "unit")
+    assert (adv["lr"], list(adv["betas"])) == (1e-4, [0.5, 0.999]) and adv["backbone"] == "facebook/dinov2-base"
+    assert cfg.model.max_sequence_length == 128
+    assert "--model Qwen/Qwen-Image" in (ROOT / "configs" / "recipes" / "sd35m_advgrpo.yaml").read_text()
+
+
+def test_flow_grpo_fast_recipe_holds_the_official_values():
+    """yifan123/flow_grpo config/grpo.py:pickscore_sd3_fast_nocfg (window 2 instead of 3: fidelity.md)."""
+    cfg = recipe("sd35m_fast_nocfg.yaml")
+    s, o = cfg.sample, cfg.optim
+    assert (s.kind, s.cps_logprob, s.noise_level, s.guidance, cfg.run.eval_guidance) == ("cps", "reference", 0.8,
+                                                                                           1.0, 1.0)
+    assert (s.group_size, s.prompts_per_step, o.optimizer_steps) == (18, 64, 2)
+    assert list(s.window_start_range) == [0, 2] and s.window_size in (2, 3) and o.timestep_fraction == 1.0
+    assert (o.clip_range, o.kl_beta, o.lr, o.adv_std) == (1e-5, 0.0, 3e-4, "global")
+    assert (o.ema_decay, o.ema_every, o.ema_warmup) == (0.9, 4, True)
+    assert cfg.model.max_sequence_length == 128 and reward_args(cfg)["pickscore"]["dtype"] == "float32"
+    # the official window (3 steps from a start in [0, 2]) is one override away and validates
+    full = validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / "sd35m_fast_nocfg.yaml",
+                                ["sample.window_size=3"]))
+    assert full.sample.window_size == 3
+
+
+@pytest.mark.parametrize("name,kl", [("sd35m_geneval.yaml", 0.04), ("sd35m_ocr.yaml", 0.04),
+                                     ("sd35m_pickscore.yaml", 0.01)])
+def test_flow_grpo_sd35_recipes_hold_the_official_values(name, kl):
+    """yifan123/flow_grpo config/grpo.py: geneval_sd3, general_ocr_sd3, pickscore_sd3 (32 GPUs)."""
+    cfg = recipe(name)
+    s, o = cfg.sample, cfg.optim
+    assert (s.kind, s.noise_level, s.num_steps, s.guidance, s.resolution) == ("flow_sde", 0.7, 10, 4.5, 512)
+    assert (s.group_size, s.prompts_per_step, o.optimizer_steps) == (24, 48, 2)
+    assert (o.lr, o.clip_range, o.kl_beta, o.adv_std, o.adv_std_ddof, o.adv_eps) == (3e-4, 1e-4, kl, "global",
+                                                                                         0, 1e-4)
+    assert (o.timestep_mode, o.timestep_fraction) == ("first", 0.99)
+    assert (o.ema_decay, o.ema_every, o.ema_warmup) == (0.9, 4, True)
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.init) == (32, 64, "gaussian")
+    assert cfg.model.max_sequence_length == 128
