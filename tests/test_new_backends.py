@@ -252,13 +252,16 @@ def preprocess(model: Path, prompts: Path, out: Path) -> Path:
 def trained(models, tmp_path_factory) -> dict[str, Path]:
     """Two GRPO iterations of each tiny model through `train`, both reading their prompts from an
     embedding cache (no text encoder loaded): Qwen-Image with true CFG and KL (GenEval recipe),
-    FLUX.2 with embedded guidance, shift 3, shared group noise (Pref-GRPO recipe)."""
+    FLUX.2 with embedded guidance, shift 3, shared group noise, RatioNorm and per-sample subsets
+    (Pref-GRPO recipe)."""
     root = tmp_path_factory.mktemp("trained_new")
     prompts = write_prompts(root)
     runs = {}
+    # FLUX.2: the last step stays a candidate on the 4-step model: 60% of 4 -> 2 trained steps, not 60% of 3 -> 1
+    extra = {"qwen_image": [], "flux2": ["optim.timestep_exclude_last=false"]}
     for name in ("qwen_image", "flux2"):
         cache = preprocess(models[name], prompts, root / f"{name}_cache")
-        train(tiny_recipe(name, models[name], root / name, prompts, [f"model.embedding_cache={cache}"]))
+        train(tiny_recipe(name, models[name], root / name, prompts, [f"model.embedding_cache={cache}", *extra[name]]))
         runs[name] = root / name
     return runs
 
@@ -276,7 +279,7 @@ def test_two_grpo_iterations_with_lora(trained, name):
     if name == "qwen_image":  # MLPs are targets; true CFG recipe with KL: the reference at step 0 only
         assert any(".img_mlp.net.2.lora_B" in k for k in lora) and any(".txt_mlp.net.0.proj.lora_B" in k for k in lora)
         assert rows[0]["train/kl"] == 0.0 and rows[1]["train/kl"] > 0.0
-    else:  # both single-stream projections are targets; a random 60% of 4 steps -> 2
+    else:  # both single-stream projections are targets; a random 60% of 4 steps per image -> 2
         assert any("single_transformer_blocks.1.attn.to_qkv_mlp_proj.lora_B" in k for k in lora)
         assert any("single_transformer_blocks.1.attn.to_out.lora_B" in k for k in lora)
         assert rows[0]["train/timesteps"] == 2

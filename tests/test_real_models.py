@@ -137,12 +137,15 @@ def recipe_overrides(name: str, model: Path, out: Path, prompts: Path, extra=())
             "run.tensorboard=false", "run.save_every=0", "run.grid_every=0", *extra]
 
 
-# The recipes the tiny runs follow, with rewards that need no model or server in a test.
+# The recipes the tiny runs follow, with rewards that need no model or server in a test (and what a
+# 4-step model needs).
 RECIPES = {
     "sd3": ("sd35m_pickscore.yaml", ["reward.weights={jpeg_compressibility: 1.0}", "reward.args={}"]),
     "flux": ("flux_dev_prefgrpo.yaml", [
         "reward.weights={pref_winrate: 0.7, jpeg_incompressibility: 1.4}",
-        "reward.args={pref_winrate: {judge: bradley_terry, judge_args: {reward: jpeg_compressibility}}}"]),
+        "reward.args={pref_winrate: {judge: bradley_terry, judge_args: {reward: jpeg_compressibility}}}",
+        # the last step stays a candidate on the 4-step model: 60% of 4 -> 2 trained steps, not 60% of 3 -> 1
+        "optim.timestep_exclude_last=false"]),
 }
 
 
@@ -418,8 +421,9 @@ def test_two_processes_run_the_tiny_sd3_fast_recipe(models, tmp_path):
     prompts = write_prompts(tmp_path)
     cfg = validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / "sd35m_fast_nocfg.yaml", recipe_overrides(
         "sd3", models["sd3"], tmp_path / "run", prompts,
-        ["reward.weights={jpeg_compressibility: 1.0}", "reward.args={}", "sample.window_start_range=[0, 2]",
-         "run.dump_advantages=true"])))
+        ["reward.weights={jpeg_compressibility: 1.0}", "reward.args={}", "run.dump_advantages=true",
+         # the official window of 3 from a start in [0, 2] needs 5 steps; the 4-step model takes a window of 2
+         "sample.window_size=2", "sample.window_start_range=[0, 2]"])))
     save_config(cfg, tmp_path / "cfg.yaml")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",

@@ -95,12 +95,8 @@ def test_pref_grpo_recipes_hold_the_official_values(name):
     assert (o.adv_std, o.adv_std_ddof, o.adv_eps) == ("group", 1, 1e-8)
     assert o.adv_clip_after_mix and o.adv_batch_renorm and o.ratio_norm
     assert (o.timestep_mode, o.timestep_fraction, o.timestep_subset) == ("random", 0.6, "per_sample")
+    assert o.timestep_exclude_last  # --ignore_last
     assert o.ema_decay == 0.0
-    # FLUX.1 keeps the last step a candidate for the tiny-model test (fidelity.md): one override away
-    assert o.timestep_exclude_last or name == "flux_dev_prefgrpo.yaml"
-    official = validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / name,
-                                    ["optim.timestep_exclude_last=true"]))
-    assert official.optim.timestep_exclude_last
     assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.init) == (64, 128, "kaiming")
     assert r.mix == "advantage" and r.weights == {"pref_winrate": 0.4, "clip": 0.6}
     judge = reward_args(cfg)["pref_winrate"]["judge_args"]
@@ -138,21 +134,40 @@ def test_adv_grpo_recipe_holds_the_official_values():
     assert "--model Qwen/Qwen-Image" in (ROOT / "configs" / "recipes" / "sd35m_advgrpo.yaml").read_text()
 
 
+def test_flux2_pref_grpo_recipe_holds_the_flux1_official_values():
+    """No official FLUX.2 [dev] script: the FLUX.1-dev Pref-GRPO settings, at 512 px and guidance 4.0."""
+    cfg, flux1 = recipe("flux2_prefgrpo.yaml"), recipe("flux_dev_prefgrpo.yaml")
+    s, o = cfg.sample, cfg.optim
+    assert (s.num_steps, s.noise_level, s.kind, cfg.model.shift, s.resolution, s.guidance) == (25, 0.7, "flow_sde",
+                                                                                               3.0, 512, 4.0)
+    assert s.same_noise_per_group and s.judged_image == "clean_prediction"
+    assert (s.group_size, s.prompts_per_step, o.optimizer_steps, o.steps) == (8, 64, 2, 471)
+    assert o.ratio_norm and o.adv_batch_renorm and o.timestep_exclude_last
+    assert (o.timestep_mode, o.timestep_fraction, o.timestep_subset) == ("random", 0.6, "per_sample")
+    same = ("lr", "clip_range", "kl_beta", "adv_std", "adv_std_ddof", "adv_eps", "adv_clip", "adv_clip_after_mix",
+            "max_grad_norm", "weight_decay", "ema_decay")
+    assert [getattr(o, k) for k in same] == [getattr(flux1.optim, k) for k in same]
+    assert cfg.reward.mix == "advantage" and cfg.reward.weights == flux1.reward.weights
+    assert reward_args(cfg) == reward_args(flux1)
+    # CPS and the other objectives run it with the three ratio options off
+    for extra in (["sample.kind=cps", "optim.ratio_norm=false"],
+                  ["optim.policy_loss=nft", "optim.ratio_norm=false", "optim.timestep_subset=shared",
+                   "optim.timestep_exclude_last=false"]):
+        validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / "flux2_prefgrpo.yaml", extra))
+
+
 def test_flow_grpo_fast_recipe_holds_the_official_values():
-    """yifan123/flow_grpo config/grpo.py:pickscore_sd3_fast_nocfg (window 2 instead of 3: fidelity.md)."""
+    """yifan123/flow_grpo config/grpo.py:pickscore_sd3_fast_nocfg."""
     cfg = recipe("sd35m_fast_nocfg.yaml")
     s, o = cfg.sample, cfg.optim
     assert (s.kind, s.cps_logprob, s.noise_level, s.guidance, cfg.run.eval_guidance) == ("cps", "reference", 0.8,
                                                                                            1.0, 1.0)
     assert (s.group_size, s.prompts_per_step, o.optimizer_steps) == (18, 64, 2)
-    assert list(s.window_start_range) == [0, 2] and s.window_size in (2, 3) and o.timestep_fraction == 1.0
+    # sde_window_size 3 from a start randint(0, 10 // 2 - 3): every step of the window trained
+    assert (s.num_steps, s.window_size, list(s.window_start_range), o.timestep_fraction) == (10, 3, [0, 2], 1.0)
     assert (o.clip_range, o.kl_beta, o.lr, o.adv_std) == (1e-5, 0.0, 3e-4, "global")
     assert (o.ema_decay, o.ema_every, o.ema_warmup) == (0.9, 4, True)
     assert cfg.model.max_sequence_length == 128 and reward_args(cfg)["pickscore"]["dtype"] == "float32"
-    # the official window (3 steps from a start in [0, 2]) is one override away and validates
-    full = validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / "sd35m_fast_nocfg.yaml",
-                                ["sample.window_size=3"]))
-    assert full.sample.window_size == 3
 
 
 @pytest.mark.parametrize("name,kl", [("sd35m_geneval.yaml", 0.04), ("sd35m_ocr.yaml", 0.04),
