@@ -17,6 +17,7 @@ class DiffusersPolicy:
     lora_targets: list[str] = []
     pipeline_class_name: str = ""  # the diffusers pipeline this backend wraps
     default_max_sequence_length: int = 256
+    text_encoder_attrs: tuple[str, ...] = ()  # the pipeline's text encoders, frozen at load
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
@@ -51,8 +52,9 @@ class DiffusersPolicy:
     # folder's flowgrpo_defaults.json overrides them
     published_defaults: dict = {}
 
-    def _init_common(self, pipe, device, text_encoders, max_sequence_length: int | None = None,
-                     shift: float | None = None, encoder=None, defaults: dict | None = None) -> None:
+    def __init__(self, pipe, max_sequence_length: int | None = None, device: str | torch.device = "cpu",
+                 shift: float | None = None, encoder=None, defaults: dict | None = None) -> None:
+        max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.max_sequence_length = max_sequence_length
         self.shift = shift  # None: the scheduler's own shift
         self.encoder = encoder  # a cache.CachedEncoder, used instead of the text encoders when set
@@ -65,7 +67,7 @@ class DiffusersPolicy:
         self.forward_module: torch.nn.Module = self.transformer  # the trainer may swap in a DDP wrapper
         self._reference_module: torch.nn.Module | None = None
         self.lora = None
-        for m in (pipe.vae, *text_encoders):
+        for m in (pipe.vae, *(getattr(pipe, name, None) for name in self.text_encoder_attrs)):
             if m is not None:
                 m.requires_grad_(False).eval()
         self.transformer.requires_grad_(False)

@@ -97,11 +97,7 @@ class FluxPolicy(DiffusersPolicy):
     pipeline_class_name = "FluxPipeline"
     default_max_sequence_length = FLUX_SAMPLE_DEFAULTS["max_sequence_length"]
     published_defaults = FLUX_SAMPLE_DEFAULTS
-
-    def __init__(self, pipe, max_sequence_length: int = 512, device: str | torch.device = "cpu",
-                 shift: float | None = None, encoder=None, defaults: dict | None = None):
-        self._init_common(pipe, device, (pipe.text_encoder, pipe.text_encoder_2), max_sequence_length, shift,
-                          encoder, defaults)
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
 
     # ---- the protocol ----------------------------------------------------------------
     @property

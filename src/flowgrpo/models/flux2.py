@@ -107,10 +107,7 @@ class Flux2Policy(DiffusersPolicy):
     pipeline_class_name = "Flux2Pipeline"
     default_max_sequence_length = FLUX2_SAMPLE_DEFAULTS["max_sequence_length"]
     published_defaults = FLUX2_SAMPLE_DEFAULTS
-
-    def __init__(self, pipe, max_sequence_length: int = 512, device: str | torch.device = "cpu",
-                 shift: float | None = None, encoder=None, defaults: dict | None = None):
-        self._init_common(pipe, device, (pipe.text_encoder,), max_sequence_length, shift, encoder, defaults)
+    text_encoder_attrs = ("text_encoder",)
 
     def add_lora(self, spec) -> None:
         """The default targets plus each single-stream block's output layer, named in full."""

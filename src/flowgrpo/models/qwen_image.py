@@ -81,10 +81,10 @@ class QwenImagePolicy(DiffusersPolicy):
     pipeline_class_name = "QwenImagePipeline"
     default_max_sequence_length = QWEN_IMAGE_SAMPLE_DEFAULTS["max_sequence_length"]
     published_defaults = QWEN_IMAGE_SAMPLE_DEFAULTS
+    text_encoder_attrs = ("text_encoder",)
 
-    def __init__(self, pipe, max_sequence_length: int = 512, device: str | torch.device = "cpu",
-                 shift: float | None = None, encoder=None, defaults: dict | None = None):
-        self._init_common(pipe, device, (pipe.text_encoder,), max_sequence_length, shift, encoder, defaults)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         if self.transformer.config.guidance_embeds:
             raise ModelLoadError("this Qwen-Image transformer has a guidance embedding; flowgrpo's Qwen-Image "
                                  "backend supports the released (true-CFG) models only")

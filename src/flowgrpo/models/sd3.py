@@ -69,12 +69,7 @@ class SD3Policy(DiffusersPolicy):
     lora_targets = SD3_LORA_TARGETS
     pipeline_class_name = "StableDiffusion3Pipeline"
     default_max_sequence_length = 256
-
-    def __init__(self, pipe, max_sequence_length: int = 256, device: str | torch.device = "cpu",
-                 shift: float | None = None, encoder=None, defaults: dict | None = None):
-        # shift None: the scheduler's own (3.0 for SD3.5)
-        self._init_common(pipe, device, (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3),
-                          max_sequence_length, shift, encoder, defaults)
+    text_encoder_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     # ---- the protocol ----------------------------------------------------------------
     @torch.no_grad()
