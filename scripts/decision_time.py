@@ -20,6 +20,7 @@ import torch
 def main() -> None:
     from flowgrpo.models import load_policy
     from flowgrpo.rewards.base import as_uint8_images
+    from flowgrpo.sampling import rollout
     from flowgrpo.worlds.shapes.grammar import split_records
     from flowgrpo.worlds.shapes.verify import detect, score
 
@@ -54,9 +55,8 @@ def main() -> None:
         return out
 
     with torch.no_grad():
-        states = [x]
-        for i in range(args.steps):
-            states.append(states[-1] + (sigmas[i + 1] - sigmas[i]) * policy.velocity(states[-1], sigmas[i], cond, None, 1.0))
+        states = rollout(policy, cond, None, num_steps=args.steps, guidance=1.0, noise_level=0.0, kind="ode",
+                         height=32, width=32, generator=gen, init_latents=x, decode=False).latents.unbind(1)
         original = judge(states[-1])
         p = float(np.mean([o[0] for o in original]))
         print(f"{args.tag}: {len(prompts)} samples, strict {p:.3f} (agreement by chance {p * p + (1 - p) ** 2:.3f})")
