@@ -371,6 +371,13 @@ def evaluate(trainer: Trainer, tag: str) -> dict:
     return table
 
 
+def eval_stats(table: dict) -> dict[str, float]:
+    """The logged scalars of one held-out evaluation: accuracy per tag, and the image statistics
+    against the renderer's (eval/image/size, ..._ref) when the evaluation has them."""
+    return {"eval/overall": table["overall"], **{f"eval/{k}": v for k, v in table["per_tag"].items()},
+            **{f"eval/image/{k}": v for k, v in table.get("image_stats", {}).items()}}
+
+
 def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: int | None = None) -> dict:
     """Run GRPO. `resume`: True = latest checkpoint in output_dir, or a checkpoint path."""
     import json
@@ -402,8 +409,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
     if start == 0 and run.eval_before and acc.is_main_process:
         summary["before"] = evaluate(trainer, "before")
         if summary["before"]:
-            logger.log(0, {"eval/overall": summary["before"]["overall"],
-                           **{f"eval/{k}": v for k, v in summary["before"]["per_tag"].items()}})
+            logger.log(0, eval_stats(summary["before"]))
     acc.wait_for_everyone()
     end = cfg.optim.steps if max_iterations is None else min(cfg.optim.steps, start + max_iterations)
     bar = tqdm(range(start, end), initial=start, total=cfg.optim.steps, disable=not acc.is_main_process,
@@ -429,8 +435,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
             if run.eval_every and (it + 1) % run.eval_every == 0 and it + 1 < cfg.optim.steps:
                 table = evaluate(trainer, f"{it + 1:05d}")
                 if table:
-                    stats["eval/overall"] = table["overall"]
-                    stats.update({f"eval/{k}": v for k, v in table["per_tag"].items()})
+                    stats.update(eval_stats(table))
             logger.log(it + 1, stats)
             post = {"reward": f"{stats['reward/mean']:.3f}"}
             strict_key = next((k for k in stats if k.endswith("/strict")), None)
@@ -444,8 +449,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         table = evaluate(trainer, "after")
         if table:
             summary["after"] = table
-            logger.log(trainer.step, {"eval/overall": table["overall"],
-                                      **{f"eval/{k}": v for k, v in table["per_tag"].items()}})
+            logger.log(trainer.step, eval_stats(table))
     if acc.is_main_process:
         ckpt = _save(trainer, trainer.step, summary)
         ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()

@@ -127,7 +127,21 @@ def evaluate_policy(policy, records: list[dict], *, images_per_prompt: int, step
     expanded = [r for r in records for _ in range(images_per_prompt)]
     images = sample_images(policy, [r["prompt"] for r in expanded], seeds, steps=steps, guidance=guidance,
                            resolution=resolution, batch_size=batch_size, progress=progress)
-    return accuracy_table(images, expanded), images, expanded
+    table = accuracy_table(images, expanded)
+    table["image_stats"] = image_stats_vs_renders(images, expanded)
+    return table, images, expanded
+
+
+def image_stats_vs_renders(images: np.ndarray, records: list[dict], seed: int = 99) -> dict[str, float]:
+    """Mean object size, saturation and edge sharpness of `images`, and the same of the
+    renderer's scenes for the same records (`*_ref`): how far samples drift from what the
+    world draws (a biased scorer's hacking, an adversarial reward's pull)."""
+    from ..rewards.shapes import image_statistics
+    from ..worlds.shapes.render import render_batch
+
+    gen = image_statistics(images)
+    ref = image_statistics(render_batch(records, seed=seed, size=images.shape[1]))
+    return {**{k: float(v.mean()) for k, v in gen.items()}, **{f"{k}_ref": float(v.mean()) for k, v in ref.items()}}
 
 
 def write_json(table: dict, path: str | Path) -> None:

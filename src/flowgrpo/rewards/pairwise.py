@@ -94,9 +94,15 @@ class BradleyTerryJudge(Judge):
     tau = 0 is the hard limit: 1 if s_a > s_b, 0 if s_a < s_b, 0.5 on equal scores. Each
     distinct (prompt, image) is scored once per call, so judging all pairs of a group costs G
     reward evaluations, not G (G - 1). A NaN score marks every pair it is in as failed.
+
+    sample=True answers each pair with a drawn verdict (1 or 0 with probability P) instead of
+    P itself, as a VLM judge answers one token: a near-tie then comes out as a coin flip, not
+    as a consistent small preference. The draw is seeded by `seed` and the two images' bytes,
+    so it repeats exactly on resume.
     """
 
-    def __init__(self, pointwise_reward: Reward | str, tau: float = 0.1, reward_args: dict | None = None):
+    def __init__(self, pointwise_reward: Reward | str, tau: float = 0.1, reward_args: dict | None = None,
+                 sample: bool = False, seed: int = 0):
         if isinstance(pointwise_reward, str):
             pointwise_reward = make_reward(pointwise_reward, **(reward_args or {}))
         if getattr(pointwise_reward, "needs_groups", False):
@@ -107,6 +113,7 @@ class BradleyTerryJudge(Judge):
         self.reward = pointwise_reward
         self.tau = float(tau)
         self.hard = self.tau == 0
+        self.sample, self.seed = bool(sample), int(seed)
         self.name = f"bradley_terry({pointwise_reward.name})"
 
     def scores(self, prompts, images, metadata) -> np.ndarray:
@@ -136,6 +143,11 @@ class BradleyTerryJudge(Judge):
         failed = ~(np.isfinite(sa) & np.isfinite(sb))
         d = np.where(failed, 0.0, sa - sb)
         probs = np.sign(d) * 0.5 + 0.5 if self.hard else expit(d / self.tau)
+        if self.sample and n:
+            digest = hashlib.blake2b(np.ascontiguousarray(images_a).tobytes()
+                                     + np.ascontiguousarray(images_b).tobytes(), digest_size=8).digest()
+            draws = np.random.default_rng([self.seed, int.from_bytes(digest, "little")]).random(n)
+            probs = (draws < probs).astype(np.float64)
         probs = np.where(failed, 0.5, probs)
         return JudgeResult(probs, failed, {"score_failures": float((~np.isfinite(np.r_[sa, sb])).sum())})
 
@@ -190,11 +202,12 @@ def _shapes_judge(mode: str = "partial"):
 
 
 @register_judge("bradley_terry")
-def _bt_judge(reward: str | None = None, tau: float = 0.1, reward_args: dict | None = None):
+def _bt_judge(reward: str | None = None, tau: float = 0.1, reward_args: dict | None = None, sample: bool = False,
+              seed: int = 0):
     if not reward:
         raise RewardError("judge 'bradley_terry' needs reward=NAME, the pointwise reward it compares "
                           "(e.g. judge_args={'reward': 'shapes_partial', 'tau': 0.1})")
-    return BradleyTerryJudge(reward, tau=tau, reward_args=reward_args)
+    return BradleyTerryJudge(reward, tau=tau, reward_args=reward_args, sample=sample, seed=seed)
 
 
 def _as_numpy_ids(group_ids, prompts: list[str]) -> np.ndarray:

@@ -90,18 +90,23 @@ def _partial(**kw):
 
 
 def image_statistics(images) -> dict[str, np.ndarray]:
-    """Per-image statistics a biased scorer can be hacked through: the share of the image
-    covered by shapes (object size) and the mean saturation of those pixels."""
+    """Per-image statistics a biased scorer can be hacked through, and that tell a render from a
+    sample: the share of the image covered by shapes (object size), the mean saturation of those
+    pixels, and edge sharpness (the 95th percentile of the luminance gradient's magnitude, in
+    grey levels per pixel: a render's step edges score high, a blurred blob low)."""
     from ..worlds.shapes.verify import _hue_sat_val
 
     images = as_uint8_images(images)
-    fg_share, sat_mean = [], []
+    fg_share, sat_mean, sharp = [], [], []
     for img in images:
         _, sat, val = _hue_sat_val(img)
         fg = (sat > 0.35) & (val > 0.25)
         fg_share.append(fg.mean())
         sat_mean.append(float(sat[fg].mean()) if fg.any() else 0.0)
-    return {"size": np.asarray(fg_share), "saturation": np.asarray(sat_mean)}
+        grey = img.astype(np.float64).mean(-1)
+        gy, gx = np.gradient(grey)
+        sharp.append(float(np.percentile(np.hypot(gx, gy), 95)))
+    return {"size": np.asarray(fg_share), "saturation": np.asarray(sat_mean), "sharpness": np.asarray(sharp)}
 
 
 class BiasedShapesReward(Reward):
@@ -114,8 +119,8 @@ class BiasedShapesReward(Reward):
     kind = "pointwise"
 
     def __init__(self, bias: float = 0.1, statistic: str = "size"):
-        if statistic not in ("size", "saturation"):
-            raise ValueError(f"statistic must be 'size' or 'saturation', got {statistic!r}")
+        if statistic not in ("size", "saturation", "sharpness"):
+            raise ValueError(f"statistic must be 'size', 'saturation' or 'sharpness', got {statistic!r}")
         self.bias, self.statistic = bias, statistic
         self.name = "shapes_biased"
         self._verifier = ShapesVerifierReward("partial")

@@ -1,0 +1,272 @@
+"""The three methods side by side on the shapes world (issue 16, docs/studies.md).
+
+Every condition is `configs/demo.yaml` (DiffusionNFT on assets/shapes-sd3-alt, CFG-free) with
+another reward, trained for --steps iterations (default 120: 1.5x the demo's images) and
+evaluated on the demo's held-out prompts every 40 iterations. Only the reward changes:
+
+    verifier             the verifier's partial credit (Flow-GRPO's pointwise reward; the control)
+    pointwise_biased     partial credit + 0.5 x object size, group-normalised (an exploitable scorer)
+    pairwise_biased      win rate under a judge over that same biased score (Pref-GRPO's defence)
+    pairwise             win rate under a judge over the verifier (Pref-GRPO)
+    adversarial          a discriminator on frozen features, renders positive (Adv-GRPO alone)
+    adversarial_verifier discriminator + verifier, mixed by reward (Adv-GRPO)
+    adversarial_verifier_advmix  the same two, mixed by advantage
+    pairwise_adversarial judge win rate + discriminator, mixed by advantage
+
+    python scripts/studies.py run hacking          # verifier, pointwise_biased, pairwise_biased
+    python scripts/studies.py run adversarial      # verifier, adversarial, adversarial_verifier
+    python scripts/studies.py run methods          # the three methods and their mixes
+    python scripts/studies.py report all           # tables (Markdown, stdout) and docs/figures/study_*.png
+
+`run` trains the missing (condition, seed) runs, --workers at a time with one thread each,
+resumes a run interrupted mid-way from its checkpoint, and writes one small JSON record per
+finished run to docs/studies/ (committed): a rerun, in this session or the next, reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "docs" / "studies"
+RUNS = ROOT / "runs" / "studies"
+BIAS = 0.5  # object size is 0.1-0.3 of the image: a bonus of a few hundredths, below one verifier check
+JUDGE_TAU = 0.05  # a size gap of 0.03 is a 57/43 call; one failed check (0.25+) is 99/1
+MONITOR = "shapes_partial: 0.0"  # logged, not trained on: the train samples' verifier accuracy
+ADV = "adversarial: {backbone: shapes, references: shapes, lr: 0.001}"
+BIASED_JUDGE = ("pref_winrate: {judge: bradley_terry, judge_args: {reward: shapes_biased, "
+                f"reward_args: {{bias: {BIAS}}}, tau: {JUDGE_TAU}, sample: true}}}}")
+CONDITIONS = {
+    "verifier": [],
+    "pointwise_biased": ["reward.weights={shapes_biased: 1.0, " + MONITOR + "}",
+                         f"reward.args={{shapes_biased: {{bias: {BIAS}}}}}"],
+    "pairwise_biased": ["reward.weights={pref_winrate: 1.0, " + MONITOR + "}", "reward.args={" + BIASED_JUDGE + "}"],
+    "pairwise": ["reward.weights={pref_winrate: 1.0, " + MONITOR + "}",
+                 "reward.args={pref_winrate: {judge: shapes}}"],
+    "adversarial": ["reward.weights={adversarial: 1.0, " + MONITOR + "}", "reward.args={" + ADV + "}"],
+    "adversarial_verifier": ["reward.weights={adversarial: 1.0, shapes_partial: 1.0}", "reward.args={" + ADV + "}"],
+    "adversarial_verifier_advmix": ["reward.weights={adversarial: 1.0, shapes_partial: 1.0}",
+                                    "reward.args={" + ADV + "}", "reward.mix=advantage"],
+    "pairwise_adversarial": ["reward.weights={pref_winrate: 1.0, adversarial: 1.0, " + MONITOR + "}",
+                             "reward.args={pref_winrate: {judge: shapes}, " + ADV + "}", "reward.mix=advantage"],
+}
+STUDIES = {  # in the order `run all` trains them, seed by seed
+    "hacking": ["verifier", "pointwise_biased", "pairwise_biased"],
+    "adversarial": ["verifier", "adversarial", "adversarial_verifier"],
+    "methods": ["verifier", "pairwise", "adversarial_verifier", "adversarial_verifier_advmix", "pairwise_adversarial"],
+}
+CURVE_KEYS = ("reward/mean", "reward/group_std", "adv/amplification", "adv/std", "reward/shapes_partial/strict",
+              "reward/shapes_biased/strict", "reward/shapes_biased/size", "reward/pref_winrate/winrate_std",
+              "reward/adversarial/mean", "disc/adversarial/acc_ref", "disc/adversarial/acc_gen",
+              "disc/adversarial/reward_ref", "disc/adversarial/reward_gen")
+
+
+def record_path(cond: str, seed: int, steps: int) -> Path:
+    return RECORDS / f"{cond}-s{steps}-seed{seed}.json"
+
+
+def run_one(cond: str, seed: int, steps: int) -> Path:
+    """Train (or resume) one run and write its record; returns the record's path."""
+    out = RUNS / f"{cond}-s{steps}-seed{seed}"
+    overrides = CONDITIONS[cond] + [f"run.seed={seed}", f"optim.steps={steps}", f"run.output_dir={out}",
+                                    "run.threads=1", "run.eval_every=40", "run.save_every=40", "run.tensorboard=false"]
+    if not (out / "summary.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        resume = ["--resume"] if any((out / "checkpoints").glob("ckpt-*")) else []
+        cmd = [sys.executable, "-m", "flowgrpo", "train", "configs/demo.yaml", *overrides, *resume]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with open(out / "train.log", "a") as log:
+            subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    curves = [{k: m[k] for k in ("step", *CURVE_KEYS) if k in m} for m in metrics if any(k in m for k in CURVE_KEYS)]
+    evals = [{k: v for k, v in m.items() if k == "step" or k.startswith("eval/")} for m in metrics
+             if "eval/overall" in m]
+    rec = {"condition": cond, "seed": seed, "steps": steps, "overrides": CONDITIONS[cond],
+           "before": summary.get("before"), "after": summary.get("after"), "change": summary.get("change"),
+           "wall_seconds": summary.get("wall_seconds"), "evals": evals, "curves": curves}
+    path = record_path(cond, seed, steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=0))
+    tmp.replace(path)
+    return path
+
+
+def run(conditions: list[str], seeds: list[int], steps: int, workers: int) -> None:
+    # seed-major order: a grid cut short still has every condition at the first seeds
+    todo = [(c, s) for s in seeds for c in conditions if not record_path(c, s, steps).exists()]
+    print(f"{len(todo)} runs to do: {todo}", flush=True)
+
+    def job(cs):
+        p = run_one(*cs, steps)
+        print(f"done {cs} -> {p.relative_to(ROOT)}", flush=True)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(job, todo):
+            pass
+
+
+# ---- report ---------------------------------------------------------------------------------
+def load(conditions: list[str], steps: int) -> dict[str, list[dict]]:
+    out = {}
+    for c in conditions:
+        recs = sorted((json.loads(p.read_text()) for p in RECORDS.glob(f"{c}-s{steps}-seed*.json")),
+                      key=lambda r: r["seed"])
+        if recs:
+            out[c] = recs
+    return out
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval across seeds (nan with one seed)."""
+    from scipy.stats import t
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan")), float("nan")
+    return float(v.mean()), float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def fmt(values, digits: int = 3) -> str:
+    m, h = mean_ci(values)
+    return f"{m:.{digits}f}" if not np.isfinite(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def _last_fifth(curves: list[dict], key: str) -> float:
+    v = [c[key] for c in curves if key in c]
+    return float(np.mean(v[-max(1, len(v) // 5):])) if v else float("nan")
+
+
+def _first_fifth(curves: list[dict], key: str) -> float:
+    v = [c[key] for c in curves if key in c]
+    return float(np.mean(v[:max(1, len(v) // 5)])) if v else float("nan")
+
+
+def table(data: dict[str, list[dict]], control: str = "verifier") -> str:
+    stats = ("size", "saturation", "sharpness")
+    ref = next(iter(data.values()))[0]["after"]["image_stats"]
+    lines = ["| condition | seeds | held-out strict, after | change | vs verifier (paired by seed) | partial | "
+             + " | ".join(f"{s} (renders {ref[s + '_ref']:.3g})" for s in stats)
+             + " | amplification | train strict, last fifth | wall min |",
+             "| --- " * (9 + len(stats)) + "|"]
+    ctrl = {r["seed"]: r["after"]["overall"] for r in data.get(control, [])}
+    for c, recs in data.items():
+        after = [r["after"]["overall"] for r in recs]
+        change = [r["change"]["overall"] for r in recs if r.get("change")]
+        paired = [r["after"]["overall"] - ctrl[r["seed"]] for r in recs if r["seed"] in ctrl]
+        vs = "—" if c == control else fmt(paired)
+        train_strict = [_last_fifth(r["curves"], "reward/shapes_partial/strict") if any(
+            "reward/shapes_partial/strict" in x for x in r["curves"]) else _last_fifth(
+            r["curves"], "reward/shapes_biased/strict") for r in recs]
+        lines.append(f"| {c} | {len(recs)} | {fmt(after)} | {fmt(change)} | {vs} | "
+                     f"{fmt([r['after']['partial'] for r in recs])} | "
+                     + " | ".join(fmt([r["after"]["image_stats"][s] for r in recs], 3 if s != "sharpness" else 1)
+                                  for s in stats)
+                     + f" | {fmt([np.nanmean([x.get('adv/amplification', np.nan) for x in r['curves']]) for r in recs], 1)}"
+                     f" | {fmt(train_strict)} | {fmt([r['wall_seconds'] / 60 for r in recs], 1)} |")
+    base = [r["before"] for recs in data.values() for r in recs if r.get("before")]
+    if base:
+        lines.append(f"\nbase model (before, each run's own seed): strict {fmt([b['overall'] for b in base])}, "
+                     + ", ".join(f"{s} {fmt([b['image_stats'][s] for b in base], 3)}" for s in stats))
+    return "\n".join(lines)
+
+
+def adversarial_table(data: dict[str, list[dict]]) -> str:
+    lines = ["| condition | adversarial reward, first -> last fifth | discriminator accuracy on each new batch, "
+             "first -> last fifth | reference - sample reward gap, last fifth |", "| --- | --- | --- | --- |"]
+    for c, recs in data.items():
+        if not any("disc/adversarial/acc_ref" in x for x in recs[0]["curves"]):
+            continue
+
+        def acc(cur, fn):
+            return (fn(cur, "disc/adversarial/acc_ref") + fn(cur, "disc/adversarial/acc_gen")) / 2
+
+        lines.append(
+            f"| {c} | {fmt([_first_fifth(r['curves'], 'reward/adversarial/mean') for r in recs])} -> "
+            f"{fmt([_last_fifth(r['curves'], 'reward/adversarial/mean') for r in recs])} | "
+            f"{fmt([acc(r['curves'], _first_fifth) for r in recs], 2)} -> "
+            f"{fmt([acc(r['curves'], _last_fifth) for r in recs], 2)} | "
+            f"{fmt([_last_fifth(r['curves'], 'disc/adversarial/reward_ref') - _last_fifth(r['curves'], 'disc/adversarial/reward_gen') for r in recs])} |")
+    return "\n".join(lines)
+
+
+def figure(name: str, data: dict[str, list[dict]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
+    colours = dict(zip(CONDITIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for c, recs in data.items():
+        for i, r in enumerate(recs):
+            lab = c if i == 0 else None
+            ev = r["evals"]
+            ax[0].plot([e["step"] for e in ev], [e["eval/overall"] for e in ev], color=colours[c], alpha=.7, label=lab)
+            ax[1].plot([e["step"] for e in ev], [e["eval/image/size"] for e in ev], color=colours[c], alpha=.7)
+            cur = r["curves"]
+            key = next((k for k in ("reward/shapes_partial/strict", "reward/shapes_biased/strict")
+                        if any(k in x for x in cur)), None)
+            if key:
+                ax[2].plot([x["step"] for x in cur if key in x], np.convolve([x[key] for x in cur if key in x],
+                                                                             np.ones(1), "same"),
+                           color=colours[c], alpha=.5)
+            ax[3].plot([x["step"] for x in cur if "reward/mean" in x], [x["reward/mean"] for x in cur if "reward/mean" in x],
+                       color=colours[c], alpha=.5)
+    ref = next(iter(data.values()))[0]["after"]["image_stats"]["size_ref"]
+    ax[1].axhline(ref, color="k", ls=":", label="renders")
+    for a, t in zip(ax, ("held-out strict (20-step ODE, CFG-free)", "held-out object size", "train samples: verifier strict",
+                         "train reward (what the condition optimises)")):
+        a.set_title(t, fontsize=9)
+        a.set_xlabel("iteration")
+    ax[0].legend(fontsize=7)
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    out = ROOT / "docs" / "figures" / f"study_{name}.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def report(names: list[str], steps: int) -> None:
+    for name in names:
+        data = load(STUDIES[name], steps)
+        if not data:
+            print(f"## {name}: no finished runs\n")
+            continue
+        print(f"## {name} ({steps} iterations)\n\n{table(data)}\n")
+        if name != "hacking":
+            print(adversarial_table(data) + "\n")
+        print(f"figure: {figure(name, data).relative_to(ROOT)}\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["run", "report"])
+    ap.add_argument("study", choices=[*STUDIES, "all", *CONDITIONS])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    if args.study in CONDITIONS:
+        conds, names = [args.study], []
+    else:
+        names = list(STUDIES) if args.study == "all" else [args.study]
+        conds = list(dict.fromkeys(c for n in names for c in STUDIES[n]))
+    if args.action == "run":
+        run(conds, args.seeds, args.steps, args.workers)
+    else:
+        report(names or [n for n in STUDIES if args.study in STUDIES[n]], args.steps)
+
+
+if __name__ == "__main__":
+    main()
