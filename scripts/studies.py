@@ -16,6 +16,7 @@ evaluated on the demo's held-out prompts every 40 iterations. Only the reward ch
     python scripts/studies.py run hacking          # verifier, pointwise_biased, pairwise_biased
     python scripts/studies.py run adversarial      # verifier, adversarial, adversarial_verifier
     python scripts/studies.py run methods          # the three methods and their mixes
+    python scripts/studies.py run hacking adversarial   # both as one grid (the verifier runs once)
     python scripts/studies.py report all           # tables (Markdown, stdout) and docs/figures/study_*.png
 
 `run` trains the missing (condition, seed) runs, --workers at a time with one thread each,
@@ -252,21 +253,18 @@ def report(names: list[str], steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["run", "report"])
-    ap.add_argument("study", choices=[*STUDIES, "all", *CONDITIONS])
+    ap.add_argument("study", nargs="+", choices=[*STUDIES, "all", *CONDITIONS],
+                    help="studies or single conditions; several are run as one grid")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    if args.study in CONDITIONS:
-        conds, names = [args.study], []
-    else:
-        names = list(STUDIES) if args.study == "all" else [args.study]
-        conds = list(dict.fromkeys(c for n in names for c in STUDIES[n]))
+    names = list(STUDIES) if "all" in args.study else [n for n in args.study if n in STUDIES]
+    conds = list(dict.fromkeys([c for n in names for c in STUDIES[n]] + [c for c in args.study if c in CONDITIONS]))
     if args.action == "run":
         run(conds, args.seeds, args.steps, args.workers)
     else:
-        report(names or [n for n in STUDIES if args.study in STUDIES[n]], args.steps)
-
+        report(names or [n for n in STUDIES if set(conds) & set(STUDIES[n])], args.steps)
 
 if __name__ == "__main__":
     main()
