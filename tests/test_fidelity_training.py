@@ -430,3 +430,20 @@ def test_official_discriminator_scores_unit_tokens_and_trains_on_raw_ones():
     assert abs(stats["d_loss"] - default.update(gen, prompts, recs)["d_loss"]) > 5e-4
     with pytest.raises(RewardError, match="score_feature_norm"):
         make_reward("adversarial", score_feature_norm="l1", **kw)
+
+
+def test_bench_counts_trained_steps_without_the_excluded_last_step():
+    from flowgrpo.bench import nfe_per_sample
+    from flowgrpo.config import load_config
+    from flowgrpo.train_config import TrainConfig, validate
+
+    def count(*overrides):
+        cfg = validate(load_config(TrainConfig, None, ["sample.num_steps=10", "optim.timestep_fraction=1.0",
+                                                      *overrides]))
+        return nfe_per_sample(cfg)["trained_steps"]
+
+    assert count() == 10 and count("optim.timestep_exclude_last=true") == 9
+    # a Fast window that can reach the last step loses it; one that cannot keeps all its steps
+    window = ["sample.window_size=2", "sample.window_start_range=[0,8]"]
+    assert count(*window) == 2 and count(*window, "optim.timestep_exclude_last=true") == 1
+    assert count("sample.window_size=2", "sample.window_start_range=[0,3]", "optim.timestep_exclude_last=true") == 2

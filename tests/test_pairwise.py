@@ -245,3 +245,29 @@ def test_group_ids_default_to_prompts_and_singletons_get_half():
     np.testing.assert_allclose(out.scores, [0, 1, 0.5])
     assert out.info["judge_calls"] == 1
     assert isinstance(ShapesJudge(), Judge)
+
+
+def test_sampling_bradley_terry_judge_answers_verdicts_drawn_with_its_probability():
+    """sample=True: each pair gets a 0/1 verdict, drawn with P = sigmoid(gap / tau), repeatable
+    for the same images (resume), independent across pairs (many pairs match P)."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    a = rng.integers(0, 256, (n, 2, 2, 3), dtype=np.uint8)
+    a[:, 0, 0, :] = 102  # brightness 0.4 ...
+    b = a.copy()
+    b[:, 0, 0, :] = 100  # ... against a hair darker: a near-tie
+    soft = BradleyTerryJudge(Brightness(), tau=0.05).judge(["p"] * n, a, b)
+    drawn = BradleyTerryJudge(Brightness(), tau=0.05, sample=True, seed=3).judge(["p"] * n, a, b)
+    assert set(np.unique(drawn.probs)) == {0.0, 1.0}
+    p = soft.probs.mean()
+    assert 0.5 < p < 0.6 and abs(drawn.probs.mean() - p) < 4 * np.sqrt(p * (1 - p) / n)
+    again = BradleyTerryJudge(Brightness(), tau=0.05, sample=True, seed=3).judge(["p"] * n, a, b)
+    np.testing.assert_array_equal(again.probs, drawn.probs)
+    other = BradleyTerryJudge(Brightness(), tau=0.05, sample=True, seed=4).judge(["p"] * n, a, b)
+    assert (other.probs != drawn.probs).any()
+    # a clear gap is (almost surely) always won; the option is reachable by name
+    clear = make_judge("bradley_terry", reward="shapes_partial", tau=0.05, sample=True)
+    assert clear.sample and clear.seed == 0
+    far = BradleyTerryJudge(Brightness(), tau=0.05, sample=True).judge(["p"] * 64, np.full((64, 2, 2, 3), 255, np.uint8),
+                                                                      np.zeros((64, 2, 2, 3), np.uint8))
+    assert far.probs.min() == 1.0

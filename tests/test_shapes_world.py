@@ -121,3 +121,28 @@ def test_partial_credit_counts_clauses():
     only_circle = render(parse_prompt("a photo of a red circle"), 5)
     v = score(only_circle, rec)
     assert v.strict == 0.0 and 0.0 < v.partial < 1.0
+
+
+def test_image_statistics_tell_renders_from_blurred_dimmed_and_enlarged_scenes():
+    """size, saturation and edge sharpness: the statistics the studies compare samples with
+    renders by (a biased scorer's bonus, an adversarial reward's pull)."""
+    from scipy.ndimage import uniform_filter, zoom
+
+    from flowgrpo.eval.shapes import image_stats_vs_renders
+    from flowgrpo.rewards.shapes import image_statistics
+    from flowgrpo.worlds.shapes.grammar import split_records
+    from flowgrpo.worlds.shapes.render import render_batch
+
+    recs = split_records()["test"][:24]
+    imgs = render_batch(recs, seed=5)
+    base = {k: v.mean() for k, v in image_statistics(imgs).items()}
+    blurred = np.stack([uniform_filter(i.astype(float), size=(3, 3, 1)) for i in imgs]).round().astype(np.uint8)
+    assert image_statistics(blurred)["sharpness"].mean() < 0.8 * base["sharpness"]
+    grey = imgs.astype(float).mean(-1, keepdims=True)
+    washed = (grey + 0.5 * (imgs - grey)).round().astype(np.uint8)  # half the chroma
+    assert image_statistics(washed)["saturation"].mean() < base["saturation"] - 0.1
+    big = np.stack([zoom(i, (2, 2, 1), order=0)[16:48, 16:48] for i in imgs])  # the centre, twice as large
+    assert image_statistics(big)["size"].mean() > base["size"]
+    table = image_stats_vs_renders(imgs, recs, seed=5)  # the same scenes: equal to their own renders
+    assert set(table) == {"size", "saturation", "sharpness", "size_ref", "saturation_ref", "sharpness_ref"}
+    assert table["size"] == pytest.approx(table["size_ref"]) and table["sharpness"] == pytest.approx(table["sharpness_ref"])

@@ -15,11 +15,17 @@ def nfe_per_sample(cfg) -> dict[str, float]:
     """Transformer evaluations per image in one iteration (a CFG step counts 2)."""
     s, o = cfg.sample, cfg.optim
     cfg_mult = 2 if s.guidance != 1.0 else 1
-    sde_steps = s.window_size or s.num_steps
     from .algorithms import select_timesteps
 
-    trained = len(select_timesteps(torch.ones(sde_steps, dtype=torch.bool), o.timestep_mode, o.timestep_fraction,
-                                   torch.Generator().manual_seed(0)))
+    # the stochastic steps of the sampler (a Fast window at its latest start: the one that can
+    # hold the last step, which timestep_exclude_last then leaves out)
+    sde = torch.ones(s.num_steps, dtype=torch.bool)
+    if s.window_size:
+        sde[:] = False
+        start = s.window_start_range[1]
+        sde[start:start + s.window_size] = True
+    trained = len(select_timesteps(sde, o.timestep_mode, o.timestep_fraction, torch.Generator().manual_seed(0),
+                                   exclude_last=o.timestep_exclude_last))
     sampling = s.num_steps * cfg_mult
     # training forward passes re-run the trained steps; a KL term adds a reference pass each
     training = trained * cfg_mult * o.inner_epochs * (2 if o.kl_beta > 0 else 1)
