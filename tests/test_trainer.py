@@ -246,3 +246,29 @@ def test_awm_trains_and_resumes_exactly(tiny_shapes_model, tmp_path):
         validate(load_config(TrainConfig, None, ["optim.policy_loss=dpo"]))
     with pytest.raises(ConfigError, match="sample.kind"):
         validate(load_config(TrainConfig, None, ["sample.kind=ode"]))
+
+
+def test_learning_rate_schedules_and_their_resume(tiny_shapes_model, tmp_path):
+    from types import SimpleNamespace
+
+    from flowgrpo.config import ConfigError
+    from flowgrpo.trainer import lr_factor
+
+    o = SimpleNamespace(steps=10, lr_warmup=2, lr_schedule="cosine", lr_min_ratio=0.1)
+    f = [lr_factor(o, i) for i in range(10)]
+    assert f[:3] == [0.5, 1.0, 1.0] and f[-1] > 0.1 and all(a >= b for a, b in zip(f[2:], f[3:]))
+    assert lr_factor(SimpleNamespace(**{**vars(o), "lr_schedule": "linear"}), 6) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(SimpleNamespace(**{**vars(o), "lr_schedule": "constant"}), 9) == 1.0
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        make_cfg(tiny_shapes_model, tmp_path, extra=["optim.lr_schedule=step"])
+    # the trainer uses it, and a resumed run continues the schedule exactly
+    extra = ["optim.lr_schedule=cosine", "optim.lr_warmup=1", "optim.lr_min_ratio=0.0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(make_cfg(tiny_shapes_model, straight, steps=4, extra=extra))
+    lrs = [m["lr"] for m in read_metrics(straight / "metrics.jsonl") if "lr" in m]
+    cfg = make_cfg(tiny_shapes_model, straight, steps=4, extra=extra)
+    assert lrs == pytest.approx([0.01 * lr_factor(cfg.optim, i) for i in range(4)]) and lrs[0] == lrs[1] == 0.01
+    cfg = make_cfg(tiny_shapes_model, split, steps=4, extra=extra + ["run.save_every=2"])
+    train(cfg, max_iterations=2)
+    train(cfg, resume=True)
+    assert_same_checkpoint(straight, split, 4)

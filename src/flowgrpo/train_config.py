@@ -83,6 +83,9 @@ class RewardConfig:
 class OptimConfig:
     steps: int = 100  # GRPO iterations (sample -> reward -> update)
     lr: float = 3e-4  # AdamW, Flow-GRPO LoRA
+    lr_schedule: str = "constant"  # constant (the references) | cosine | linear decay to lr * lr_min_ratio at optim.steps
+    lr_warmup: int = 0  # iterations of linear warm-up from 0 before the schedule
+    lr_min_ratio: float = 0.0  # where cosine / linear decay ends, as a share of lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas of the reference
     weight_decay: float = 1e-4  # the reference value; small, LoRA weights start at 0 anyway
     max_grad_norm: float = 1.0  # clip the gradient norm: a few huge advantages must not blow up a step
@@ -227,6 +230,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.awm_timesteps must be >= 1 with policy_loss awm, got {o.awm_timesteps}")
     if o.fm_timesteps != "rollout" and not (o.fm_timesteps.isdigit() and int(o.fm_timesteps) >= 1):
         raise ConfigError(f"optim.fm_timesteps must be 'rollout' or a count >= 1, got {o.fm_timesteps!r}")
+    if o.lr_schedule not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"optim.lr_schedule must be constant, cosine or linear, got {o.lr_schedule!r}")
+    if o.lr_warmup < 0 or not 0.0 <= o.lr_min_ratio <= 1.0:
+        raise ConfigError(f"optim.lr_warmup must be >= 0 and optim.lr_min_ratio in [0, 1], got {o.lr_warmup}, "
+                          f"{o.lr_min_ratio}")
     if o.fm_sigma_range is not None and not (len(o.fm_sigma_range) == 2 and
                                               0.0 <= o.fm_sigma_range[0] < o.fm_sigma_range[1] <= 1.0):
         raise ConfigError(f"optim.fm_sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, got {o.fm_sigma_range}")

@@ -241,6 +241,8 @@ class Trainer:
     # ---- 5: the update --------------------------------------------------------------------
     def update(self, batch: Batch, advantages: torch.Tensor, iteration: int) -> dict:
         o, objective = self.cfg.optim, self.objective
+        for group in self.optimizer.param_groups:  # a function of the iteration alone: resume needs no state
+            group["lr"] = o.lr * lr_factor(o, iteration)
         keep = torch.ones(len(advantages), dtype=torch.bool)
         if o.drop_zero_signal and objective.uses_advantages:
             for g in torch.unique(batch.group_ids):
@@ -337,6 +339,18 @@ class Trainer:
             return True, True
         d_phase = iteration % r.d_period < r.d_steps
         return (not d_phase), d_phase
+
+
+def lr_factor(o, iteration: int) -> float:
+    """The learning rate of `iteration` (0-based) as a share of optim.lr: linear warm-up over
+    lr_warmup iterations, then constant, or cosine / linear decay to lr_min_ratio at optim.steps."""
+    if iteration < o.lr_warmup:
+        return (iteration + 1) / o.lr_warmup
+    if o.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (iteration - o.lr_warmup) / max(1, o.steps - o.lr_warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.lr_schedule == "cosine" else 1.0 - progress
+    return o.lr_min_ratio + (1.0 - o.lr_min_ratio) * shape
 
 
 def timed(fn, *args):
