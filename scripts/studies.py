@@ -102,12 +102,39 @@ def run_one(cond: str, seed: int, steps: int) -> Path:
     return path
 
 
+def claim(cond: str, seed: int, steps: int) -> bool:
+    """Take a run for this process: a `claim` file holding our pid, created atomically. A claim
+    whose process is gone (a session that ended) is taken over, so the run resumes."""
+    out = RUNS / f"{cond}-s{steps}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+                return False  # another runner is training it
+            except (ProcessLookupError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 def run(conditions: list[str], seeds: list[int], steps: int, workers: int) -> None:
     # seed-major order: a grid cut short still has every condition at the first seeds
     todo = [(c, s) for s in seeds for c in conditions if not record_path(c, s, steps).exists()]
     print(f"{len(todo)} runs to do: {todo}", flush=True)
 
     def job(cs):
+        # several runners may share a grid (python scripts/studies.py run ... in two shells):
+        # each run is claimed when it starts, so none is trained twice
+        if record_path(*cs, steps).exists() or not claim(*cs, steps):
+            print(f"skip {cs}: done or taken by another runner", flush=True)
+            return
         p = run_one(*cs, steps)
         print(f"done {cs} -> {p.relative_to(ROOT)}", flush=True)
 

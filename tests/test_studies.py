@@ -67,3 +67,17 @@ def test_report_means_intervals_and_paired_differences(studies, tmp_path, monkey
     assert "| 0.385 ± 0.000 |" in row  # train-sample strict, the last fifth of the curve: mean of 0.38 and 0.39
     assert studies.mean_ci([0.3])[1] != studies.mean_ci([0.3])[1]  # nan with one seed
     assert studies.figure("hacking", data).exists()
+
+
+def test_runs_are_claimed_once_and_a_dead_runners_claim_is_taken_over(studies, tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(studies, "RUNS", tmp_path)
+    assert studies.claim("verifier", 0, 8)
+    assert not studies.claim("verifier", 0, 8)  # held by a live process (this one)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "verifier-s8-seed1").mkdir()
+    (tmp_path / "verifier-s8-seed1" / "claim").write_text(dead)
+    assert studies.claim("verifier", 1, 8)
+    assert (tmp_path / "verifier-s8-seed1" / "claim").read_text() == str(__import__("os").getpid())
