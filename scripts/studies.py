@@ -9,7 +9,8 @@ evaluated on the demo's held-out prompts every 40 iterations. Only the reward ch
     pairwise_biased      win rate under a judge over that same biased score (Pref-GRPO's defence)
     pairwise             win rate under a judge over the verifier (Pref-GRPO)
     adversarial          a discriminator on frozen features, renders positive (Adv-GRPO alone)
-    adversarial_verifier discriminator + verifier, mixed by reward (Adv-GRPO)
+    adversarial_verifier discriminator + verifier, mixed by reward (Adv-GRPO), both updated every iteration
+    adversarial_verifier_paper   the same with the paper's schedule (discriminator only, 9 of 10 iterations)
     adversarial_verifier_advmix  the same two, mixed by advantage
     pairwise_adversarial judge win rate + discriminator, mixed by advantage
 
@@ -54,6 +55,9 @@ CONDITIONS = {
                  "reward.args={pref_winrate: {judge: shapes}}"],
     "adversarial": ["reward.weights={adversarial: 1.0, " + MONITOR + "}", "reward.args={" + ADV + "}"],
     "adversarial_verifier": ["reward.weights={adversarial: 1.0, shapes_partial: 1.0}", "reward.args={" + ADV + "}"],
+    # Adv-GRPO's own schedule: the discriminator alone on 9 of every 10 iterations
+    "adversarial_verifier_paper": ["reward.weights={adversarial: 1.0, shapes_partial: 1.0}", "reward.args={" + ADV + "}",
+                                   "reward.d_steps=9", "reward.d_period=10"],
     "adversarial_verifier_advmix": ["reward.weights={adversarial: 1.0, shapes_partial: 1.0}",
                                     "reward.args={" + ADV + "}", "reward.mix=advantage"],
     "pairwise_adversarial": ["reward.weights={pref_winrate: 1.0, adversarial: 1.0, " + MONITOR + "}",
