@@ -8,14 +8,15 @@ evaluated on the demo's held-out prompts every 40 iterations. Only the reward ch
     pointwise_biased     partial credit + 0.5 x object size, group-normalised (an exploitable scorer)
     pairwise_biased      win rate under a judge over that same biased score (Pref-GRPO's defence)
     pairwise             win rate under a judge over the verifier (Pref-GRPO)
-    adversarial          a discriminator on frozen features, renders positive (Adv-GRPO alone)
+    adversarial          a discriminator on frozen features (assets/shapes-dinov2), renders positive (Adv-GRPO alone)
+    adversarial_random, adversarial_verifier_random   the same on the seeded random backbone
     adversarial_verifier discriminator + verifier, mixed by reward (Adv-GRPO), both updated every iteration
     adversarial_verifier_paper   the same with the paper's schedule (discriminator only, 9 of 10 iterations)
     adversarial_verifier_advmix  the same two, mixed by advantage
     pairwise_adversarial judge win rate + discriminator, mixed by advantage
 
     python scripts/studies.py run hacking          # verifier, pointwise_biased, pairwise_biased
-    python scripts/studies.py run adversarial      # verifier, adversarial, adversarial_verifier
+    python scripts/studies.py run adversarial      # verifier, the adversarial reward alone and with it, two backbones
     python scripts/studies.py run methods          # the three methods and their mixes
     python scripts/studies.py run hacking adversarial   # both as one grid (the verifier runs once)
     python scripts/studies.py report all           # tables (Markdown, stdout) and docs/figures/study_*.png
@@ -43,7 +44,10 @@ RUNS = ROOT / "runs" / "studies"
 BIAS = 0.5  # object size is 0.1-0.3 of the image: a bonus of a few hundredths, below one verifier check
 JUDGE_TAU = 0.05  # a size gap of 0.03 is a 57/43 call; one failed check (0.25+) is 99/1
 MONITOR = "shapes_partial: 0.0"  # logged, not trained on: the train samples' verifier accuracy
-ADV = "adversarial: {backbone: shapes, references: shapes, lr: 0.001}"
+# the discriminator's frozen features: the tiny DINOv2 trained on renders here (assets/shapes-dinov2,
+# flowgrpo.worlds.shapes.backbone); the seeded random one left the head near chance (the *_random rows)
+ADV = "adversarial: {backbone: assets/shapes-dinov2, references: shapes, lr: 0.001}"
+ADV_RANDOM = "adversarial: {backbone: shapes, references: shapes, lr: 0.001}"
 BIASED_JUDGE = ("pref_winrate: {judge: bradley_terry, judge_args: {reward: shapes_biased, "
                 f"reward_args: {{bias: {BIAS}}}, tau: {JUDGE_TAU}, sample: true}}}}")
 CONDITIONS = {
@@ -55,6 +59,9 @@ CONDITIONS = {
                  "reward.args={pref_winrate: {judge: shapes}}"],
     "adversarial": ["reward.weights={adversarial: 1.0, " + MONITOR + "}", "reward.args={" + ADV + "}"],
     "adversarial_verifier": ["reward.weights={adversarial: 1.0, shapes_partial: 1.0}", "reward.args={" + ADV + "}"],
+    "adversarial_random": ["reward.weights={adversarial: 1.0, " + MONITOR + "}", "reward.args={" + ADV_RANDOM + "}"],
+    "adversarial_verifier_random": ["reward.weights={adversarial: 1.0, shapes_partial: 1.0}",
+                                    "reward.args={" + ADV_RANDOM + "}"],
     # Adv-GRPO's own schedule: the discriminator alone on 9 of every 10 iterations
     "adversarial_verifier_paper": ["reward.weights={adversarial: 1.0, shapes_partial: 1.0}", "reward.args={" + ADV + "}",
                                    "reward.d_steps=9", "reward.d_period=10"],
@@ -65,7 +72,7 @@ CONDITIONS = {
 }
 STUDIES = {  # in the order `run all` trains them, seed by seed
     "hacking": ["verifier", "pointwise_biased", "pairwise_biased"],
-    "adversarial": ["verifier", "adversarial", "adversarial_verifier"],
+    "adversarial": ["verifier", "adversarial_verifier", "adversarial", "adversarial_random", "adversarial_verifier_random"],
     "methods": ["verifier", "pairwise", "adversarial_verifier", "adversarial_verifier_advmix", "pairwise_adversarial"],
 }
 CURVE_KEYS = ("reward/mean", "reward/group_std", "adv/amplification", "adv/std", "reward/shapes_partial/strict",
@@ -238,7 +245,7 @@ def figure(name: str, data: dict[str, list[dict]]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
-    colours = dict(zip(CONDITIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colours = {c: f"C{i % 10}" for i, c in enumerate(data)}
     for c, recs in data.items():
         for i, r in enumerate(recs):
             lab = c if i == 0 else None
