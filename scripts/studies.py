@@ -16,9 +16,10 @@ evaluated on the demo's held-out prompts every 40 iterations. Only the reward ch
     pairwise_adversarial judge win rate + discriminator, mixed by advantage
 
     python scripts/studies.py run hacking          # verifier, pointwise_biased, pairwise_biased
-    python scripts/studies.py run adversarial      # verifier, the adversarial reward alone and with it, two backbones
+    python scripts/studies.py run discriminator    # verifier, the adversarial reward alone and with it, two backbones
     python scripts/studies.py run methods          # the three methods and their mixes
-    python scripts/studies.py run hacking adversarial   # both as one grid (the verifier runs once)
+    python scripts/studies.py run hacking discriminator   # both as one grid (the verifier runs once)
+    python scripts/studies.py run adversarial --seeds 0   # one condition, one seed
     python scripts/studies.py report all           # tables (Markdown, stdout) and docs/figures/study_*.png
 
 `run` trains the missing (condition, seed) runs, --workers at a time with one thread each,
@@ -72,7 +73,8 @@ CONDITIONS = {
 }
 STUDIES = {  # in the order `run all` trains them, seed by seed
     "hacking": ["verifier", "pointwise_biased", "pairwise_biased"],
-    "adversarial": ["verifier", "adversarial_verifier", "adversarial", "adversarial_random", "adversarial_verifier_random"],
+    "discriminator": ["verifier", "adversarial_verifier", "adversarial", "adversarial_random",
+                      "adversarial_verifier_random"],
     "methods": ["verifier", "pairwise", "adversarial_verifier", "adversarial_verifier_advmix", "pairwise_adversarial"],
 }
 CURVE_KEYS = ("reward/mean", "reward/group_std", "adv/amplification", "adv/std", "reward/shapes_partial/strict",
@@ -283,7 +285,7 @@ def report(names: list[str], steps: int) -> None:
             print(f"## {name}: no finished runs\n")
             continue
         print(f"## {name} ({steps} iterations)\n\n{table(data)}\n")
-        if name != "hacking":
+        if name != "hacking":  # the discriminator's own numbers
             print(adversarial_table(data) + "\n")
         print(f"figure: {figure(name, data).relative_to(ROOT)}\n")
 
