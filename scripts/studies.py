@@ -240,40 +240,47 @@ def adversarial_table(data: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _smooth(steps: list, values: list, window: int = 10) -> tuple[list, np.ndarray]:
+    """A trailing moving average over `window` iterations (per-iteration rewards are noisy)."""
+    if len(values) < window:
+        return steps, np.asarray(values)
+    return steps[window - 1:], np.convolve(values, np.ones(window) / window, "valid")
+
+
 def figure(name: str, data: dict[str, list[dict]]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig, ax = plt.subplots(1, 5, figsize=(21, 3.6))
     colours = {c: f"C{i % 10}" for i, c in enumerate(data)}
     for c, recs in data.items():
         for i, r in enumerate(recs):
-            lab = c if i == 0 else None
-            ev = r["evals"]
-            ax[0].plot([e["step"] for e in ev], [e["eval/overall"] for e in ev], color=colours[c], alpha=.7, label=lab)
-            ax[1].plot([e["step"] for e in ev], [e["eval/image/size"] for e in ev], color=colours[c], alpha=.7)
-            cur = r["curves"]
+            ev, cur = r["evals"], r["curves"]
+            ax[0].plot([e["step"] for e in ev], [e["eval/overall"] for e in ev], color=colours[c], alpha=.7,
+                       label=c if i == 0 else None)
+            for a, stat in ((ax[1], "size"), (ax[2], "sharpness")):
+                a.plot([e["step"] for e in ev], [e[f"eval/image/{stat}"] for e in ev], color=colours[c], alpha=.7)
             key = next((k for k in ("reward/shapes_partial/strict", "reward/shapes_biased/strict")
                         if any(k in x for x in cur)), None)
-            if key:
-                ax[2].plot([x["step"] for x in cur if key in x], np.convolve([x[key] for x in cur if key in x],
-                                                                             np.ones(1), "same"),
-                           color=colours[c], alpha=.5)
-            ax[3].plot([x["step"] for x in cur if "reward/mean" in x], [x["reward/mean"] for x in cur if "reward/mean" in x],
-                       color=colours[c], alpha=.5)
-    ref = next(iter(data.values()))[0]["after"]["image_stats"]["size_ref"]
-    ax[1].axhline(ref, color="k", ls=":", label="renders")
-    for a, t in zip(ax, ("held-out strict (20-step ODE, CFG-free)", "held-out object size", "train samples: verifier strict",
-                         "train reward (what the condition optimises)")):
+            for a, k in ((ax[3], key), (ax[4], "reward/mean")):
+                if k:
+                    a.plot(*_smooth([x["step"] for x in cur if k in x], [x[k] for x in cur if k in x]),
+                           color=colours[c], alpha=.6)
+    first = next(iter(data.values()))[0]["after"]["image_stats"]
+    for a, stat in ((ax[1], "size"), (ax[2], "sharpness")):
+        a.axhline(first[f"{stat}_ref"], color="k", ls=":", label="renders")
+        a.legend(fontsize=7)
+    titles = ("held-out strict (20-step ODE, CFG-free)", "held-out object size", "held-out edge sharpness",
+              "train samples: verifier strict (10-it mean)", "train reward, what is optimised (10-it mean)")
+    for a, t in zip(ax, titles):
         a.set_title(t, fontsize=9)
         a.set_xlabel("iteration")
     ax[0].legend(fontsize=7)
-    ax[1].legend(fontsize=7)
     fig.tight_layout()
     out = ROOT / "docs" / "figures" / f"study_{name}.png"
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
 

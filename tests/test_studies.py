@@ -44,8 +44,8 @@ def record(cond, seed, after, before=0.4, size=0.15):
     return {"condition": cond, "seed": seed, "steps": 8, "before": {"overall": before, "image_stats": stats},
             "after": {"overall": after, "partial": 0.6, "image_stats": stats},
             "change": {"overall": after - before}, "wall_seconds": 60.0,
-            "evals": [{"step": 0, "eval/overall": before, "eval/image/size": size},
-                      {"step": 8, "eval/overall": after, "eval/image/size": size}], "curves": curves}
+            "evals": [{"step": 0, "eval/overall": before, "eval/image/size": size, "eval/image/sharpness": 60.0},
+                      {"step": 8, "eval/overall": after, "eval/image/size": size, "eval/image/sharpness": 60.0}], "curves": curves}
 
 
 def test_report_means_intervals_and_paired_differences(studies, tmp_path, monkeypatch):
