@@ -77,6 +77,16 @@ STUDIES = {  # in the order `run all` trains them, seed by seed
                       "adversarial_verifier_random"],
     "methods": ["verifier", "pairwise", "adversarial_verifier", "adversarial_verifier_advmix", "pairwise_adversarial"],
 }
+# paired differences (a - b, seed by seed) each study reports, with "shown" when the 95% interval excludes 0
+CONTRASTS = {
+    "hacking": [("pairwise_biased", "pointwise_biased"), ("pointwise_biased", "verifier"),
+                ("pairwise_biased", "verifier")],
+    "discriminator": [("adversarial_verifier", "verifier"), ("adversarial", "verifier"),
+                      ("adversarial_verifier", "adversarial_verifier_random"), ("adversarial", "adversarial_random")],
+    "methods": [("pairwise", "verifier"), ("adversarial_verifier", "verifier"), ("adversarial_verifier_advmix",
+                                                                                   "adversarial_verifier"),
+                ("pairwise_adversarial", "pairwise")],
+}
 CURVE_KEYS = ("reward/mean", "reward/group_std", "adv/amplification", "adv/std", "reward/shapes_partial/strict",
               "reward/shapes_biased/strict", "reward/shapes_biased/size", "reward/pref_winrate/winrate_std",
               "reward/adversarial/mean", "disc/adversarial/acc_ref", "disc/adversarial/acc_gen",
@@ -221,6 +231,32 @@ def table(data: dict[str, list[dict]], control: str = "verifier") -> str:
     return "\n".join(lines)
 
 
+def _outcomes(r: dict) -> dict[str, float]:
+    return {"held-out strict": r["after"]["overall"], "partial": r["after"]["partial"],
+            **{k: r["after"]["image_stats"][k] for k in ("size", "saturation", "sharpness")},
+            "amplification": float(np.nanmean([x.get("adv/amplification", np.nan) for x in r["curves"]]))}
+
+
+def contrast_table(data: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
+    """a - b per seed (the same seed: same prompts, noise and evaluation images), mean ± 95%."""
+    keys = ("held-out strict", "partial", "size", "saturation", "sharpness", "amplification")
+    lines = ["| a - b (paired by seed) | seeds | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"]
+    for a, b in pairs:
+        if a not in data or b not in data:
+            continue
+        by_seed = {r["seed"]: _outcomes(r) for r in data[b]}
+        diffs = [(_outcomes(r), by_seed[r["seed"]]) for r in data[a] if r["seed"] in by_seed]
+        cells = []
+        for k in keys:
+            d = [x[k] - y[k] for x, y in diffs]
+            m, h = mean_ci(d)
+            shown = np.isfinite(h) and abs(m) > h
+            digits = 1 if k in ("sharpness", "amplification") else 3
+            cells.append(fmt(d, digits) + (" **shown**" if shown else ""))
+        lines.append(f"| {a} - {b} | {len(diffs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def adversarial_table(data: dict[str, list[dict]]) -> str:
     lines = ["| condition | adversarial reward, first -> last fifth | discriminator accuracy on each new batch, "
              "first -> last fifth | reference - sample reward gap, last fifth |", "| --- | --- | --- | --- |"]
@@ -292,6 +328,7 @@ def report(names: list[str], steps: int) -> None:
             print(f"## {name}: no finished runs\n")
             continue
         print(f"## {name} ({steps} iterations)\n\n{table(data)}\n")
+        print(contrast_table(data, CONTRASTS.get(name, [])) + "\n")
         if name != "hacking":  # the discriminator's own numbers
             print(adversarial_table(data) + "\n")
         print(f"figure: {figure(name, data).relative_to(ROOT)}\n")

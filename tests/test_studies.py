@@ -66,6 +66,11 @@ def test_report_means_intervals_and_paired_differences(studies, tmp_path, monkey
     assert f"{pm:.3f} ± {ph:.3f}" in row  # differences are paired by seed, not a difference of means
     assert "| 0.385 ± 0.000 |" in row  # train-sample strict, the last fifth of the curve: mean of 0.38 and 0.39
     assert studies.mean_ci([0.3])[1] != studies.mean_ci([0.3])[1]  # nan with one seed
+    contrast = studies.contrast_table(data, [("pointwise_biased", "verifier"), ("verifier", "pairwise")])
+    row = next(line for line in contrast.splitlines() if line.startswith("| pointwise_biased - verifier"))
+    assert f"{pm:.3f} ± {ph:.3f}" in row and "pairwise" not in contrast.split("| --- ")[-1]
+    assert "**shown**" in row.split("|")[3]  # -0.100 ± 0.099 excludes zero
+    assert "**shown**" not in row.split("|")[5]  # size: no difference
     assert studies.figure("hacking", data).exists()
 
 
