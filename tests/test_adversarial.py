@@ -54,7 +54,7 @@ def test_dinov2_backbone_loads_from_a_folder(dino_dir):
     cls, patches = reward.backbone(images)
     assert cls.shape == (3, 48) and patches.shape == (3, 16, 48)
     model = Dinov2Model.from_pretrained(dino_dir).eval()
-    pixels = reward.backbone._pixels(images)
+    pixels = reward.backbone.pixels(images)
     assert pixels.shape == (3, 3, 56, 56)
     with torch.no_grad():
         direct = model(pixel_values=pixels).last_hidden_state

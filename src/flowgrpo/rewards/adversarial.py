@@ -77,7 +77,7 @@ class FeatureBackbone(nn.Module):
     def device(self) -> torch.device:
         return self.mean.device
 
-    def _pixels(self, images) -> torch.Tensor:
+    def pixels(self, images) -> torch.Tensor:
         """uint8 batch (B, H, W, 3) or a list of HxWx3 arrays of any sizes -> (B, 3, S, S)."""
         if not isinstance(images, np.ndarray) and len({np.shape(im) for im in images}) == 1:
             images = np.stack([np.asarray(im) for im in images])  # one resize call for the batch
@@ -97,7 +97,7 @@ class FeatureBackbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = self._pixels(images)
+        pixels = self.pixels(images)
         dtype = next(self.model.parameters()).dtype
         cls, patches = [], []
         for i in range(0, pixels.shape[0], self.batch_size):

@@ -91,7 +91,7 @@ def train_backbone(out: str | Path, steps: int = 1500, batch: int = 128, lr: flo
     t0, log = time.time(), []
     for step in range(steps):
         imgs, labels = make_batch(recs, batch, rng, size)
-        cls = model(pixel_values=bb._pixels(imgs)).last_hidden_state[:, 0]
+        cls = model(pixel_values=bb.pixels(imgs)).last_hidden_state[:, 0]
         loss = F.cross_entropy(head(cls), torch.as_tensor(labels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,7 +104,7 @@ def train_backbone(out: str | Path, steps: int = 1500, batch: int = 128, lr: flo
     test_rng = np.random.default_rng(seed + 1)
     imgs, labels = make_batch(split_records()["test"], 64 * len(CORRUPTIONS), test_rng, size)
     with torch.no_grad():
-        pred = head(model(pixel_values=bb._pixels(imgs)).last_hidden_state[:, 0]).argmax(-1).numpy()
+        pred = head(model(pixel_values=bb.pixels(imgs)).last_hidden_state[:, 0]).argmax(-1).numpy()
     per_class = {c: float((pred[labels == k] == k).mean()) for k, c in enumerate(CORRUPTIONS)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
