@@ -192,14 +192,27 @@ def fmt(values, digits: int = 3) -> str:
     return f"{m:.{digits}f}" if not np.isfinite(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
-def _last_fifth(curves: list[dict], key: str) -> float:
+def _fifth(curves: list[dict], key: str, last: bool = True) -> float:
+    """Mean of `key` over the last (or first) fifth of the iterations that logged it."""
     v = [c[key] for c in curves if key in c]
-    return float(np.mean(v[-max(1, len(v) // 5):])) if v else float("nan")
+    if not v:
+        return float("nan")
+    k = max(1, len(v) // 5)
+    return float(np.mean(v[-k:] if last else v[:k]))
+
+
+def _last_fifth(curves: list[dict], key: str) -> float:
+    return _fifth(curves, key, last=True)
 
 
 def _first_fifth(curves: list[dict], key: str) -> float:
-    v = [c[key] for c in curves if key in c]
-    return float(np.mean(v[:max(1, len(v) // 5)])) if v else float("nan")
+    return _fifth(curves, key, last=False)
+
+
+def _strict_key(curves: list[dict]) -> str:
+    """The train samples' verifier accuracy: the monitor's, or the biased scorer's own."""
+    return next((k for k in ("reward/shapes_partial/strict", "reward/shapes_biased/strict")
+                 if any(k in x for x in curves)), "reward/shapes_partial/strict")
 
 
 def table(data: dict[str, list[dict]], control: str = "verifier") -> str:
@@ -215,9 +228,7 @@ def table(data: dict[str, list[dict]], control: str = "verifier") -> str:
         change = [r["change"]["overall"] for r in recs if r.get("change")]
         paired = [r["after"]["overall"] - ctrl[r["seed"]] for r in recs if r["seed"] in ctrl]
         vs = "—" if c == control else fmt(paired)
-        train_strict = [_last_fifth(r["curves"], "reward/shapes_partial/strict") if any(
-            "reward/shapes_partial/strict" in x for x in r["curves"]) else _last_fifth(
-            r["curves"], "reward/shapes_biased/strict") for r in recs]
+        train_strict = [_last_fifth(r["curves"], _strict_key(r["curves"])) for r in recs]
         lines.append(f"| {c} | {len(recs)} | {fmt(after)} | {fmt(change)} | {vs} | "
                      f"{fmt([r['after']['partial'] for r in recs])} | "
                      + " | ".join(fmt([r["after"]["image_stats"][s] for r in recs], 3 if s != "sharpness" else 1)
@@ -298,10 +309,9 @@ def figure(name: str, data: dict[str, list[dict]]) -> Path:
                        label=c if i == 0 else None)
             for a, stat in ((ax[1], "size"), (ax[2], "sharpness")):
                 a.plot([e["step"] for e in ev], [e[f"eval/image/{stat}"] for e in ev], color=colours[c], alpha=.7)
-            key = next((k for k in ("reward/shapes_partial/strict", "reward/shapes_biased/strict")
-                        if any(k in x for x in cur)), None)
+            key = _strict_key(cur)
             for a, k in ((ax[3], key), (ax[4], "reward/mean")):
-                if k:
+                if any(k in x for x in cur):
                     a.plot(*_smooth([x["step"] for x in cur if k in x], [x[k] for x in cur if k in x]),
                            color=colours[c], alpha=.6)
     first = next(iter(data.values()))[0]["after"]["image_stats"]

@@ -119,8 +119,8 @@ class BiasedShapesReward(Reward):
     kind = "pointwise"
 
     def __init__(self, bias: float = 0.1, statistic: str = "size"):
-        if statistic not in ("size", "saturation", "sharpness"):
-            raise ValueError(f"statistic must be 'size', 'saturation' or 'sharpness', got {statistic!r}")
+        if statistic not in ("size", "saturation"):  # both in [0, 1]: the bonus stays below one verifier check
+            raise ValueError(f"statistic must be 'size' or 'saturation', got {statistic!r}")
         self.bias, self.statistic = bias, statistic
         self.name = "shapes_biased"
         self._verifier = ShapesVerifierReward("partial")
