@@ -83,9 +83,9 @@ CONTRASTS = {
                 ("pairwise_biased", "verifier")],
     "discriminator": [("adversarial_verifier", "verifier"), ("adversarial", "verifier"),
                       ("adversarial_verifier", "adversarial_verifier_random"), ("adversarial", "adversarial_random")],
-    "methods": [("pairwise", "verifier"), ("adversarial_verifier", "verifier"), ("adversarial_verifier_advmix",
-                                                                                   "adversarial_verifier"),
-                ("pairwise_adversarial", "pairwise")],
+    "methods": [("pairwise", "verifier"), ("adversarial_verifier", "verifier"),
+                ("adversarial_verifier_advmix", "verifier"), ("pairwise_adversarial", "verifier"),
+                ("adversarial_verifier_advmix", "adversarial_verifier"), ("pairwise_adversarial", "pairwise")],
 }
 CURVE_KEYS = ("reward/mean", "reward/group_std", "adv/amplification", "adv/std", "reward/shapes_partial/strict",
               "reward/shapes_biased/strict", "reward/shapes_biased/size", "reward/pref_winrate/winrate_std",
