@@ -191,6 +191,8 @@ def mean_ci(values) -> tuple[float, float]:
 
 def fmt(values, digits: int = 3) -> str:
     m, h = mean_ci(values)
+    if not np.isfinite(m):
+        return "—"
     return f"{m:.{digits}f}" if not np.isfinite(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
@@ -235,7 +237,7 @@ def table(data: dict[str, list[dict]], control: str = "verifier") -> str:
                      f"{fmt([r['after']['partial'] for r in recs])} | "
                      + " | ".join(fmt([r["after"]["image_stats"][s] for r in recs], 3 if s != "sharpness" else 1)
                                   for s in stats)
-                     + f" | {fmt([np.nanmean([x.get('adv/amplification', np.nan) for x in r['curves']]) for r in recs], 1)}"
+                     + f" | {fmt([_amplification(r) for r in recs], 1)}"
                      f" | {fmt(train_strict)} | {fmt([r['wall_seconds'] / 60 for r in recs], 1)} |")
     base = [r["before"] for recs in data.values() for r in recs if r.get("before")]
     if base:
@@ -244,10 +246,18 @@ def table(data: dict[str, list[dict]], control: str = "verifier") -> str:
     return "\n".join(lines)
 
 
+def _amplification(r: dict) -> float:
+    """Mean advantage std over within-group reward std; undefined under the advantage mix, where
+    the summed reward is never normalised (the trainer now logs it per reward there)."""
+    if "reward.mix=advantage" in r.get("overrides", CONDITIONS.get(r["condition"], [])):
+        return float("nan")
+    return float(np.nanmean([x.get("adv/amplification", np.nan) for x in r["curves"]]))
+
+
 def _outcomes(r: dict) -> dict[str, float]:
     return {"held-out strict": r["after"]["overall"], "partial": r["after"]["partial"],
             **{k: r["after"]["image_stats"][k] for k in ("size", "saturation", "sharpness")},
-            "amplification": float(np.nanmean([x.get("adv/amplification", np.nan) for x in r["curves"]]))}
+            "amplification": _amplification(r)}
 
 
 def contrast_table(data: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:

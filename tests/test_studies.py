@@ -72,6 +72,11 @@ def test_report_means_intervals_and_paired_differences(studies, tmp_path, monkey
     assert "**shown**" in row.split("|")[3]  # -0.100 ± 0.099 excludes zero
     assert "**shown**" not in row.split("|")[5]  # size: no difference
     assert studies.figure("hacking", data).exists()
+    assert studies.figure("hacking", data, steps=16).name == "study_hacking_s16.png"
+    # under the advantage mix the summed reward is never normalised: no amplification to report
+    mixed = record("adversarial_verifier_advmix", 0, 0.5)
+    assert studies._amplification(mixed) != studies._amplification(mixed)
+    assert studies._amplification(record("verifier", 0, 0.5)) == pytest.approx(3.0)
 
 
 def test_runs_are_claimed_once_and_a_dead_runners_claim_is_taken_over(studies, tmp_path, monkeypatch):

@@ -54,6 +54,20 @@ def test_two_iterations_ratio_one_kl_zero_and_lora_changes(tiny_shapes_model, tm
     assert Path(summary["lora"]).is_dir() and (tmp_path / "plot.png").is_file()
 
 
+def test_amplification_is_per_reward_under_the_advantage_mix(tiny_shapes_model, tmp_path):
+    """The summed reward is never normalised under the advantage mix, so one amplification
+    over it would compare unrelated scales: each reward gets its own instead."""
+    mixed = tmp_path / "mixed"
+    train(make_cfg(tiny_shapes_model, mixed, steps=1, extra=["reward.mix=advantage", "optim.adv_clip=100"]))
+    row = next(m for m in read_metrics(mixed / "metrics.jsonl") if "adv/std" in m)
+    assert "adv/amplification" not in row
+    assert row["adv/jpeg_compressibility/amplification"] > 0
+    summed = tmp_path / "summed"
+    train(make_cfg(tiny_shapes_model, summed, steps=1, extra=["optim.adv_clip=100"]))
+    row = next(m for m in read_metrics(summed / "metrics.jsonl") if "adv/std" in m)
+    assert row["adv/amplification"] == pytest.approx(row["adv/std"] / row["reward/group_std"])
+
+
 def test_saved_lora_loads_in_diffusers_and_changes_output(tiny_shapes_model, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 

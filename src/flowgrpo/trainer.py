@@ -215,15 +215,18 @@ class Trainer:
             flat = torch.stack([adv[all_ids == g].abs().max() == 0 for g in torch.unique(all_ids)])
             stats["adv/zero_signal_share"] = float(flat.float().mean())
             stats["adv/component_zero_share"] = zero
+            for n, st in per.items():  # the summed reward is never normalised: amplification is per reward
+                if st.reward_std > 0:
+                    stats[f"adv/{n}/amplification"] = st.advantage_std / st.reward_std
         else:
             adv, st = group_advantages(total, all_ids, **kw)
             stats["adv/zero_signal_share"] = st.zero_signal_share
             stats["reward/group_std"] = st.reward_std
         stats["adv/std"] = float(adv.std(unbiased=False))
         stats["adv/abs_mean"] = float(adv.abs().mean())
-        if stats["reward/std"] > 0:
+        if stats.get("reward/group_std", 0) > 0:
             # Pref-GRPO's "illusory advantage": how much normalisation amplifies reward gaps
-            stats["adv/amplification"] = stats["adv/std"] / max(stats.get("reward/group_std", stats["reward/std"]), 1e-12)
+            stats["adv/amplification"] = stats["adv/std"] / stats["reward/group_std"]
         per_proc = self.global_batch // self.world
         mine = adv[self.rank * per_proc:(self.rank + 1) * per_proc]
         batch.all_advantages, batch.all_group_ids = adv.float(), all_ids
