@@ -73,8 +73,8 @@ CONDITIONS = {
 }
 STUDIES = {  # in the order `run all` trains them, seed by seed
     "hacking": ["verifier", "pointwise_biased", "pairwise_biased"],
-    "discriminator": ["verifier", "adversarial_verifier", "adversarial", "adversarial_random",
-                      "adversarial_verifier_random"],
+    "discriminator": ["verifier", "adversarial_verifier", "adversarial", "adversarial_verifier_paper",
+                      "adversarial_random", "adversarial_verifier_random"],
     "methods": ["verifier", "pairwise", "adversarial_verifier", "adversarial_verifier_advmix", "pairwise_adversarial"],
 }
 # paired differences (a - b, seed by seed) each study reports, with "shown" when the 95% interval excludes 0
@@ -82,6 +82,7 @@ CONTRASTS = {
     "hacking": [("pairwise_biased", "pointwise_biased"), ("pointwise_biased", "verifier"),
                 ("pairwise_biased", "verifier")],
     "discriminator": [("adversarial_verifier", "verifier"), ("adversarial", "verifier"),
+                      ("adversarial_verifier_paper", "adversarial_verifier"),
                       ("adversarial_verifier", "adversarial_verifier_random"), ("adversarial", "adversarial_random")],
     "methods": [("pairwise", "verifier"), ("adversarial_verifier", "verifier"),
                 ("adversarial_verifier_advmix", "verifier"), ("pairwise_adversarial", "verifier"),
