@@ -281,6 +281,28 @@ def contrast_table(data: dict[str, list[dict]], pairs: list[tuple[str, str]]) ->
     return "\n".join(lines)
 
 
+def trajectory_table(data: dict[str, list[dict]], pairs: list[tuple[str, str]],
+                     keys=("eval/overall", "eval/image/size")) -> str:
+    """The paired differences at every held-out evaluation, not only the last: whether a gap
+    opens, holds or closes with the budget."""
+    lines = ["| a - b (paired by seed) | outcome | " + " | ".join(
+        f"it {e['step']}" for e in next(iter(data.values()))[0]["evals"][1:]) + " |"]
+    lines.append("| --- " * (len(lines[0].split("|")) - 2) + "|")
+    for a, b in pairs:
+        if a not in data or b not in data:
+            continue
+        by_seed = {r["seed"]: {e["step"]: e for e in r["evals"]} for r in data[b]}
+        for k in keys:
+            cells = []
+            for e in data[a][0]["evals"][1:]:
+                d = [{x["step"]: x for x in r["evals"]}[e["step"]][k] - by_seed[r["seed"]][e["step"]][k]
+                     for r in data[a] if r["seed"] in by_seed and e["step"] in by_seed[r["seed"]]]
+                m, h = mean_ci(d)
+                cells.append(fmt(d) + (" **shown**" if np.isfinite(h) and abs(m) > h else ""))
+            lines.append(f"| {a} - {b} | {k.removeprefix('eval/')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def adversarial_table(data: dict[str, list[dict]]) -> str:
     lines = ["| condition | adversarial reward, first -> last fifth | discriminator accuracy on each new batch, "
              "first -> last fifth | reference - sample reward gap, last fifth |", "| --- | --- | --- | --- |"]
@@ -352,6 +374,7 @@ def report(names: list[str], steps: int) -> None:
             continue
         print(f"## {name} ({steps} iterations)\n\n{table(data)}\n")
         print(contrast_table(data, CONTRASTS.get(name, [])) + "\n")
+        print(trajectory_table(data, CONTRASTS.get(name, [])[:1]) + "\n")
         if name != "hacking":  # the discriminator's own numbers
             print(adversarial_table(data) + "\n")
         print(f"figure: {figure(name, data, steps).relative_to(ROOT)}\n")

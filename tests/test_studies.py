@@ -72,6 +72,8 @@ def test_report_means_intervals_and_paired_differences(studies, tmp_path, monkey
     assert "**shown**" in row.split("|")[3]  # -0.100 ± 0.099 excludes zero
     assert "**shown**" not in row.split("|")[5]  # size: no difference
     assert studies.figure("hacking", data).exists()
+    traj = studies.trajectory_table(data, [("pointwise_biased", "verifier")])
+    assert "| it 8 |" in traj and f"{pm:.3f} ± {ph:.3f} **shown**" in traj  # the last evaluation's paired gap
     assert studies.figure("hacking", data, steps=16).name == "study_hacking_s16.png"
     # under the advantage mix the summed reward is never normalised: no amplification to report
     mixed = record("adversarial_verifier_advmix", 0, 0.5)
