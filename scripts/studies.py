@@ -261,6 +261,12 @@ def _outcomes(r: dict) -> dict[str, float]:
             "amplification": _amplification(r)}
 
 
+def _paired_cell(diffs: list[float], digits: int = 3) -> str:
+    """Mean ± 95% interval of paired differences, marked shown when the interval excludes 0."""
+    m, h = mean_ci(diffs)
+    return fmt(diffs, digits) + (" **shown**" if np.isfinite(h) and abs(m) > h else "")
+
+
 def contrast_table(data: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
     """a - b per seed (the same seed: same prompts, noise and evaluation images), mean ± 95%."""
     keys = ("held-out strict", "partial", "size", "saturation", "sharpness", "amplification")
@@ -270,13 +276,8 @@ def contrast_table(data: dict[str, list[dict]], pairs: list[tuple[str, str]]) ->
             continue
         by_seed = {r["seed"]: _outcomes(r) for r in data[b]}
         diffs = [(_outcomes(r), by_seed[r["seed"]]) for r in data[a] if r["seed"] in by_seed]
-        cells = []
-        for k in keys:
-            d = [x[k] - y[k] for x, y in diffs]
-            m, h = mean_ci(d)
-            shown = np.isfinite(h) and abs(m) > h
-            digits = 1 if k in ("sharpness", "amplification") else 3
-            cells.append(fmt(d, digits) + (" **shown**" if shown else ""))
+        cells = [_paired_cell([x[k] - y[k] for x, y in diffs], 1 if k in ("sharpness", "amplification") else 3)
+                 for k in keys]
         lines.append(f"| {a} - {b} | {len(diffs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -285,20 +286,16 @@ def trajectory_table(data: dict[str, list[dict]], pairs: list[tuple[str, str]],
                      keys=("eval/overall", "eval/image/size")) -> str:
     """The paired differences at every held-out evaluation, not only the last: whether a gap
     opens, holds or closes with the budget."""
-    lines = ["| a - b (paired by seed) | outcome | " + " | ".join(
-        f"it {e['step']}" for e in next(iter(data.values()))[0]["evals"][1:]) + " |"]
+    steps = [e["step"] for e in next(iter(data.values()))[0]["evals"][1:]]
+    lines = ["| a - b (paired by seed) | outcome | " + " | ".join(f"it {st}" for st in steps) + " |"]
     lines.append("| --- " * (len(lines[0].split("|")) - 2) + "|")
     for a, b in pairs:
         if a not in data or b not in data:
             continue
-        by_seed = {r["seed"]: {e["step"]: e for e in r["evals"]} for r in data[b]}
+        ev_a, ev_b = ({r["seed"]: {e["step"]: e for e in r["evals"]} for r in data[c]} for c in (a, b))
         for k in keys:
-            cells = []
-            for e in data[a][0]["evals"][1:]:
-                d = [{x["step"]: x for x in r["evals"]}[e["step"]][k] - by_seed[r["seed"]][e["step"]][k]
-                     for r in data[a] if r["seed"] in by_seed and e["step"] in by_seed[r["seed"]]]
-                m, h = mean_ci(d)
-                cells.append(fmt(d) + (" **shown**" if np.isfinite(h) and abs(m) > h else ""))
+            cells = [_paired_cell([ev_a[s][step][k] - ev_b[s][step][k] for s in ev_a
+                                   if s in ev_b and step in ev_a[s] and step in ev_b[s]]) for step in steps]
             lines.append(f"| {a} - {b} | {k.removeprefix('eval/')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
