@@ -82,3 +82,44 @@ def test_distillation_regresses_on_the_guided_teacher_and_resumes_exactly(tiny_s
 def test_missing_teacher_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="teacher="):
         distill(load_config(DistillConfig, None, [f"teacher={tmp_path / 'nope'}", f"work_dir={tmp_path / 'w'}"]))
+
+
+def test_guided_interval_takes_the_scene_flow_outside_it():
+    from flowgrpo.worlds.shapes.distill import distillation_target
+
+    g = torch.Generator().manual_seed(0)
+    v_u, v_c, flow = (torch.randn(4, 2, 3, 3, generator=g) for _ in range(3))
+    w = torch.full((4, 1, 1, 1), 4.5)
+    t = torch.tensor([0.05, 0.5, 0.8, 0.95])
+    out = distillation_target(v_u, v_c, w, flow, t, (0.2, 0.8))
+    guided = v_u + 4.5 * (v_c - v_u)
+    assert torch.equal(out[1:3], guided[1:3])  # inside, both ends included
+    assert torch.equal(out[0], flow[0]) and torch.equal(out[3], flow[3])
+    assert torch.equal(distillation_target(v_u, v_c, w, flow, t, (0.0, 1.0)), guided)  # plain distillation
+
+
+def test_refinement_starts_from_student_init_and_checks_its_interval(tiny_shapes_model, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    # a refinement with a zero learning rate writes its init unchanged, not the teacher
+    init = tmp_path / "init"
+    __import__("shutil").copytree(tiny_shapes_model, init)
+    moved = SD3Transformer2DModel.from_pretrained(init / "transformer")
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.01)
+    moved.save_pretrained(init / "transformer")
+    cfg = load_config(DistillConfig, None, [f"teacher={tiny_shapes_model}", f"student_init={init}",
+                                            f"work_dir={tmp_path / 'w'}", f"out={tmp_path / 'out'}", "steps=1",
+                                            "batch=4", "lr=0.0", "threads=1", "guided_interval=[0.0,0.8]"])
+    out = distill(cfg)
+    written = SD3Transformer2DModel.from_pretrained(out / "transformer")
+    assert all(torch.equal(p, q) for p, q in zip(written.parameters(), moved.parameters()))
+    assert json.loads((out / "distillation.json").read_text())["guided_interval"] == [0.0, 0.8]
+    bad = load_config(DistillConfig, None, [f"teacher={tiny_shapes_model}", f"work_dir={tmp_path / 'v'}",
+                                            "guided_interval=[0.9,0.1]"])
+    with pytest.raises(ValueError, match="guided_interval"):
+        distill(bad)
+    with pytest.raises(FileNotFoundError, match="student_init"):
+        distill(load_config(DistillConfig, None, [f"teacher={tiny_shapes_model}", f"work_dir={tmp_path / 'x'}",
+                                                  f"student_init={tmp_path / 'nope'}"]))

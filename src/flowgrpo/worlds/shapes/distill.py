@@ -59,6 +59,12 @@ class DistillConfig:
     checkpoint_every: int = 250
     log_every: int = 50
     stop_after: int = 0  # end this invocation at this step (0: run to `steps`); resume later with the same config
+    # A refinement stage (docs/shapes-world.md#the-guidance-interval): start the student from another
+    # folder's transformer instead of the teacher's, and take the teacher's guided velocity as the target
+    # only for noise levels inside guided_interval; outside it the target is the corrupted scene's own flow
+    # (noise - x0). Guidance at the highest noise levels is what leaves some noises drawing nothing.
+    student_init: str | None = None  # a pipeline folder whose transformer initialises student and EMA
+    guided_interval: tuple[float, float] = (0.0, 1.0)  # (0, 1): the teacher everywhere, plain distillation
 
 
 def corrupt_record(record: dict, rng: np.random.Generator, color_noise: float, count_noise: float) -> dict:
@@ -82,6 +88,18 @@ def corrupt_record(record: dict, rng: np.random.Generator, color_noise: float, c
     return out
 
 
+def distillation_target(v_u: torch.Tensor, v_c: torch.Tensor, w: torch.Tensor, scene_flow: torch.Tensor,
+                        t: torch.Tensor, guided_interval: tuple[float, float]) -> torch.Tensor:
+    """The teacher's guided velocity v_u + w (v_c - v_u) where t lies in the interval, else the scene's flow.
+
+    The scenes follow the corrupted captions, so outside the interval the target is the noisy-caption
+    data's own flow (noise - x0): its choices keep their planted rates and carry no teacher error.
+    """
+    lo, hi = guided_interval
+    guided = ((t >= lo) & (t <= hi)).view(-1, *([1] * (v_u.dim() - 1)))
+    return torch.where(guided, v_u + w * (v_c - v_u), scene_flow)
+
+
 def distill(cfg: DistillConfig) -> Path:
     from diffusers import StableDiffusion3Pipeline
 
@@ -95,8 +113,17 @@ def distill(cfg: DistillConfig) -> Path:
                                 "pass teacher=<folder> (e.g. assets/shapes-sd3)")
     pipe = StableDiffusion3Pipeline.from_pretrained(teacher_dir, text_encoder_3=None, tokenizer_3=None)
     teacher = pipe.transformer.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    ema = copy.deepcopy(teacher)
+    init = teacher
+    if cfg.student_init:
+        if not (Path(cfg.student_init) / "transformer").is_dir():
+            raise FileNotFoundError(f"student_init {cfg.student_init} has no transformer/ folder; "
+                                    "pass a diffusers pipeline folder (e.g. assets/shapes-sd3-alt)")
+        init = type(teacher).from_pretrained(Path(cfg.student_init) / "transformer").eval()
+    g_lo, g_hi = (float(x) for x in cfg.guided_interval)
+    if not 0.0 <= g_lo <= g_hi <= 1.0:
+        raise ValueError(f"guided_interval must satisfy 0 <= lo <= hi <= 1, got {list(cfg.guided_interval)}")
+    student = copy.deepcopy(init).train().requires_grad_(True)
+    ema = copy.deepcopy(init).requires_grad_(False)
     vae = pipe.vae.eval().requires_grad_(False)
     tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
     for e in encoders:
@@ -144,7 +171,7 @@ def distill(cfg: DistillConfig) -> Path:
                         pooled_projections=torch.cat([pooled_u, pooled_c]), timestep=torch.cat([t, t]) * 1000).sample
             v_u, v_c = v.chunk(2)
             w = torch.where(torch.from_numpy(drop).view(-1, 1, 1, 1), 1.0, cfg.guidance)
-            target = v_u + w * (v_c - v_u)
+            target = distillation_target(v_u, v_c, w, noise - x0, t, (g_lo, g_hi))
         emb_s, pooled_s = embed(captions)
         pred = student(hidden_states=xt, encoder_hidden_states=emb_s, pooled_projections=pooled_s,
                        timestep=t * 1000).sample
@@ -186,6 +213,7 @@ def write_pipeline(pipe, transformer, out: Path, cfg: DistillConfig) -> Path:
     defaults["guidance"] = 1.0  # the teacher's guidance is baked in
     (tmp / "flowgrpo_defaults.json").write_text(json.dumps(defaults))
     (tmp / "distillation.json").write_text(json.dumps(
-        {k: getattr(cfg, k) for k in ("teacher", "steps", "guidance", "color_noise", "count_noise", "seed")}, indent=1))
+        {k: getattr(cfg, k) for k in ("teacher", "steps", "guidance", "color_noise", "count_noise", "seed",
+                                      "student_init", "guided_interval")}, indent=1, default=list))
     _atomic_dir_swap(tmp, out)
     return out
