@@ -120,6 +120,9 @@ def test_refinement_starts_from_student_init_and_checks_its_interval(tiny_shapes
                                             "guided_interval=[0.9,0.1]"])
     with pytest.raises(ValueError, match="guided_interval"):
         distill(bad)
+    with pytest.raises(ValueError, match="t_range"):
+        distill(load_config(DistillConfig, None, [f"teacher={tiny_shapes_model}", f"work_dir={tmp_path / 'u'}",
+                                                  "t_range=[0.5,0.5]"]))
     with pytest.raises(FileNotFoundError, match="student_init"):
         distill(load_config(DistillConfig, None, [f"teacher={tiny_shapes_model}", f"work_dir={tmp_path / 'x'}",
                                                   f"student_init={tmp_path / 'nope'}"]))

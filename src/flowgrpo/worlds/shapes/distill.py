@@ -65,6 +65,7 @@ class DistillConfig:
     # (noise - x0). Guidance at the highest noise levels is what leaves some noises drawing nothing.
     student_init: str | None = None  # a pipeline folder whose transformer initialises student and EMA
     guided_interval: tuple[float, float] = (0.0, 1.0)  # (0, 1): the teacher everywhere, plain distillation
+    t_range: tuple[float, float] = (0.0, 1.0)  # noise levels are drawn uniformly in [lo, hi] (probes of one range)
 
 
 def corrupt_record(record: dict, rng: np.random.Generator, color_noise: float, count_noise: float) -> dict:
@@ -122,6 +123,9 @@ def distill(cfg: DistillConfig) -> Path:
     g_lo, g_hi = (float(x) for x in cfg.guided_interval)
     if not 0.0 <= g_lo <= g_hi <= 1.0:
         raise ValueError(f"guided_interval must satisfy 0 <= lo <= hi <= 1, got {list(cfg.guided_interval)}")
+    t_lo, t_hi = (float(x) for x in cfg.t_range)
+    if not 0.0 <= t_lo < t_hi <= 1.0:
+        raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {list(cfg.t_range)}")
     student = copy.deepcopy(init).train().requires_grad_(True)
     ema = copy.deepcopy(init).requires_grad_(False)
     vae = pipe.vae.eval().requires_grad_(False)
@@ -163,7 +167,8 @@ def distill(cfg: DistillConfig) -> Path:
         with torch.no_grad():
             x0 = (vae.encode(_to_tensor(images)).latent_dist.mode() - shift) * scale
             noise = torch.randn(x0.shape, generator=gen)
-            t = torch.rand(x0.shape[0], generator=gen).clamp(1e-3, 1.0)  # uniform: samplers visit all of [0, 1]
+            # uniform: samplers visit all of [0, 1]
+            t = (t_lo + (t_hi - t_lo) * torch.rand(x0.shape[0], generator=gen)).clamp(1e-3, 1.0)
             xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
             emb_c, pooled_c = embed(teacher_captions)
             emb_u, pooled_u = embed([""] * len(recs))
@@ -214,6 +219,6 @@ def write_pipeline(pipe, transformer, out: Path, cfg: DistillConfig) -> Path:
     (tmp / "flowgrpo_defaults.json").write_text(json.dumps(defaults))
     (tmp / "distillation.json").write_text(json.dumps(
         {k: getattr(cfg, k) for k in ("teacher", "steps", "guidance", "color_noise", "count_noise", "seed",
-                                      "student_init", "guided_interval")}, indent=1, default=list))
+                                      "student_init", "guided_interval", "t_range")}, indent=1, default=list))
     _atomic_dir_swap(tmp, out)
     return out
