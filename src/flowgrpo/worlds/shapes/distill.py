@@ -59,7 +59,7 @@ class DistillConfig:
     checkpoint_every: int = 250
     log_every: int = 50
     stop_after: int = 0  # end this invocation at this step (0: run to `steps`); resume later with the same config
-    # A refinement stage (docs/shapes-world.md#the-guidance-interval): start the student from another
+    # A refinement stage (docs/shapes-world.md#the-guidance-interval-why-some-noises-draw-nothing-session-10): start the student from another
     # folder's transformer instead of the teacher's, and take the teacher's guided velocity as the target
     # only for noise levels inside guided_interval; outside it the target is the corrupted scene's own flow
     # (noise - x0). Guidance at the highest noise levels is what leaves some noises drawing nothing.
