@@ -59,10 +59,11 @@ class DistillConfig:
     checkpoint_every: int = 250
     log_every: int = 50
     stop_after: int = 0  # end this invocation at this step (0: run to `steps`); resume later with the same config
-    # A refinement stage (docs/shapes-world.md#the-guidance-interval-why-some-noises-draw-nothing-session-10): start the student from another
-    # folder's transformer instead of the teacher's, and take the teacher's guided velocity as the target
-    # only for noise levels inside guided_interval; outside it the target is the corrupted scene's own flow
-    # (noise - x0). Guidance at the highest noise levels is what leaves some noises drawing nothing.
+    # A refinement stage: start the student from another folder's transformer instead of the teacher's,
+    # and take the teacher's guided velocity as the target only for noise levels inside guided_interval;
+    # outside it the target is the corrupted scene's own flow (noise - x0). Guidance at the highest noise
+    # levels is what leaves some noises drawing nothing
+    # (docs/shapes-world.md#the-guidance-interval-why-some-noises-draw-nothing-session-10).
     student_init: str | None = None  # a pipeline folder whose transformer initialises student and EMA
     guided_interval: tuple[float, float] = (0.0, 1.0)  # (0, 1): the teacher everywhere, plain distillation
     t_range: tuple[float, float] = (0.0, 1.0)  # noise levels are drawn uniformly in [lo, hi] (probes of one range)
