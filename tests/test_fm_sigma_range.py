@@ -50,9 +50,15 @@ def test_every_shapes_config_validates():
     root = Path(__file__).resolve().parents[1]
     names = sorted(p.name for p in (root / "configs").glob("*.yaml"))
     assert {"demo.yaml", "shapes_hour.yaml", "shapes_fast.yaml"} <= set(names)
+    from flowgrpo.worlds.shapes.distill import DistillConfig
+
     for name in names:
-        if name in ("pretrain_shapes.yaml", "distill_shapes.yaml"):
-            continue  # other schemas (flowgrpo pretrain / distill), tested in their own files
+        if name == "pretrain_shapes.yaml":
+            continue  # flowgrpo pretrain's schema, tested in its own file
+        if name in ("distill_shapes.yaml", "distill_refine_shapes.yaml"):  # flowgrpo distill's schema
+            cfg = load_config(DistillConfig, root / "configs" / name)
+            assert all(0.0 <= x <= 1.0 for x in cfg.guided_interval)
+            continue
         validate(load_config(TrainConfig, root / "configs" / name))
     demo = validate(load_config(TrainConfig, root / "configs" / "demo.yaml"))
     assert demo.optim.policy_loss == "nft" and demo.optim.fm_sigma_range == [0.8, 1.0]
