@@ -1,6 +1,7 @@
 """The RL-ready base: guidance distillation with alt-text caption noise (worlds/shapes/distill.py)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_refinement_starts_from_student_init_and_checks_its_interval(tiny_shapes
 
     # a refinement with a zero learning rate writes its init unchanged, not the teacher
     init = tmp_path / "init"
-    __import__("shutil").copytree(tiny_shapes_model, init)
+    shutil.copytree(tiny_shapes_model, init)
     moved = SD3Transformer2DModel.from_pretrained(init / "transformer")
     with torch.no_grad():
         for p in moved.parameters():

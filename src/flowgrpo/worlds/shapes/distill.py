@@ -168,7 +168,7 @@ def distill(cfg: DistillConfig) -> Path:
         with torch.no_grad():
             x0 = (vae.encode(_to_tensor(images)).latent_dist.mode() - shift) * scale
             noise = torch.randn(x0.shape, generator=gen)
-            # uniform: samplers visit all of [0, 1]
+            # uniform; the default [0, 1] covers every level a sampler visits
             t = (t_lo + (t_hi - t_lo) * torch.rand(x0.shape[0], generator=gen)).clamp(1e-3, 1.0)
             xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
             emb_c, pooled_c = embed(teacher_captions)
