@@ -146,3 +146,21 @@ def test_image_statistics_tell_renders_from_blurred_dimmed_and_enlarged_scenes()
     table = image_stats_vs_renders(imgs, recs, seed=5)  # the same scenes: equal to their own renders
     assert set(table) == {"size", "saturation", "sharpness", "size_ref", "saturation_ref", "sharpness_ref"}
     assert table["size"] == pytest.approx(table["size_ref"]) and table["sharpness"] == pytest.approx(table["sharpness_ref"])
+
+
+def test_drawing_quality_rewards_clean_shapes_and_not_choices():
+    """shapes_quality: 1 for any clean scene with enough objects, right or wrong; a merged blob,
+    a blank or a scene short of objects scores below 1."""
+    from flowgrpo.rewards import make_reward
+
+    reward = make_reward("shapes_quality")
+    three = parse_prompt("a photo of three squares")
+    wrong_but_clean = render(parse_prompt("a photo of three circles"), 1)  # the wrong class, drawn cleanly
+    right = render(three, 1)
+    one = render(parse_prompt("a photo of a square"), 1)  # clean, but two objects short
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    blob = blank.copy()
+    blob[8:14, 2:30] = (220, 30, 30)  # a 28 x 6 bar: no class
+    out = reward([right, wrong_but_clean, one, blank, blob], [three["prompt"]] * 5)
+    assert out.scores.tolist() == pytest.approx([1.0, 1.0, 1 / 3, 0.0, 0.0])
+    assert out.components["strict"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]

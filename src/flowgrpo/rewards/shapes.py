@@ -89,6 +89,48 @@ def _partial(**kw):
     return ShapesVerifierReward("partial", **kw)
 
 
+def wanted_objects(record: dict) -> int:
+    """How many objects a prompt asks for (the include clauses' counts)."""
+    return sum(clause.get("count", 1) for clause in record["include"])
+
+
+def drawing_quality(detections, record: dict) -> float:
+    """Named objects / max(detected, wanted): 1 when every drawn object is a recognisable shape
+    and there are at least as many as the prompt asks for. Blind to *which* class, colour,
+    count or place: a quality score, not a choice score. Dropping objects to look clean does
+    not pay, because the denominator never falls below the wanted count."""
+    named = sum(d.cls != "unknown" for d in detections)
+    return named / max(len(detections), wanted_objects(record))
+
+
+class DrawingQualityReward(Reward):
+    """`drawing_quality` per image: the post-training signal that makes a base draw cleanly
+    without teaching it the prompt's choices (docs/shapes-world.md)."""
+
+    kind = "pointwise"
+    name = "shapes_quality"
+
+    def __call__(self, images, prompts, metadata=None, group_ids=None) -> RewardOutput:
+        from ..worlds.shapes.verify import detect
+
+        images = as_uint8_images(images)
+        quality, strict, partial = [], [], []
+        for i, (img, prompt) in enumerate(zip(images, prompts)):
+            rec = metadata[i] if metadata and metadata[i] and "include" in metadata[i] else parse_prompt(prompt)
+            dets = detect(img)
+            v = score(img, rec, detections=dets)
+            quality.append(drawing_quality(dets, rec))
+            strict.append(v.strict)
+            partial.append(v.partial)
+        quality, strict, partial = map(np.asarray, (quality, strict, partial))
+        return RewardOutput(quality, {"strict": strict, "partial": partial})
+
+
+@register("shapes_quality")
+def _quality(**kw):
+    return DrawingQualityReward(**kw)
+
+
 def image_statistics(images) -> dict[str, np.ndarray]:
     """Per-image statistics a biased scorer can be hacked through, and that tell a render from a
     sample: the share of the image covered by shapes (object size), the mean saturation of those
