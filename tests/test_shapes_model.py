@@ -110,3 +110,25 @@ def test_eval_shapes_tag_filter(tmp_path):
     assert res.returncode == 0, res.stderr
     table = json.loads(out.read_text())
     assert set(table["per_tag"]) == {"single_object"} and table["n_images"] == 3
+
+
+SHIPPED_FOLDERS = sorted(p.name for p in (ROOT / "assets").glob("shapes-sd3*"))
+
+
+def test_shipped_bases_are_diffusers_folders_sharing_the_teachers_encoders():
+    """Every shipped shapes base loads in plain diffusers and samples; the distilled and refined
+    ones change only the transformer (the text encoders, VAE and tokenizers are the teacher's)."""
+    from safetensors.torch import load_file
+
+    assert {"shapes-sd3", "shapes-sd3-alt"} <= set(SHIPPED_FOLDERS)
+    teacher = ROOT / "assets" / "shapes-sd3"
+    for name in SHIPPED_FOLDERS:
+        folder = ROOT / "assets" / name
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)  # no T5
+        image = pipe("a photo of a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                     max_sequence_length=1, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+        assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+        for part in ("text_encoder", "text_encoder_2", "vae"):
+            ours = load_file(next((folder / part).glob("*.safetensors")))
+            theirs = load_file(next((teacher / part).glob("*.safetensors")))
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), (name, part)

@@ -164,3 +164,25 @@ def test_drawing_quality_rewards_clean_shapes_and_not_choices():
     out = reward([right, wrong_but_clean, one, blank, blob], [three["prompt"]] * 5)
     assert out.scores.tolist() == pytest.approx([1.0, 1.0, 1 / 3, 0.0, 0.0])
     assert out.components["strict"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_named_objects_script_bins_unnamed_detections():
+    """scripts/named_objects.py: merged objects show as far-from-square boxes, the rest by IoU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "named_objects.py"
+    spec = importlib.util.spec_from_file_location("named_objects", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    img = np.full((32, 32, 3), 255, np.uint8)
+    img[4:10, 2:30] = (220, 30, 30)  # a bar: two squares merged side by side
+    img[16:28, 4:16] = (30, 30, 220)  # a clean square
+    dets = detect(img)
+    assert sorted(d.cls for d in dets) == ["square", "unknown"]
+    assert [mod.unnamed_reason(d) for d in dets if d.cls == "unknown"] == ["aspect"]
+    ring = np.full((32, 32, 3), 255, np.uint8)
+    ring[8:20, 8:20] = (30, 160, 30)
+    ring[9:19, 9:19] = 255  # a thin square outline: square box, no shape fits
+    (det,) = detect(ring)
+    assert det.cls == "unknown" and mod.unnamed_reason(det) == "no shape (IoU < 0.5)"
