@@ -29,6 +29,16 @@ def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: flo
     return np.concatenate(out)
 
 
+def run_base_model(lora: Path) -> str:
+    """model.path of the training run a LoRA folder (RUN/lora) belongs to."""
+    from omegaconf import OmegaConf
+
+    config = lora.parent / "config.yaml"
+    if not config.is_file():
+        raise SystemExit(f"no {config} beside the LoRA to read the base model from: pass --model")
+    return str(OmegaConf.load(config).model.path)
+
+
 def main() -> None:
     from diffusers import StableDiffusion3Pipeline
 
@@ -36,7 +46,8 @@ def main() -> None:
     from flowgrpo.eval.shapes import accuracy_table, format_table, image_seeds, paired_difference_ci
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="assets/shapes-sd3-alt")
+    ap.add_argument("--model", default=None,
+                    help="base model folder (default: model.path of the run the LoRA came from, RUN/config.yaml)")
     ap.add_argument("--lora", required=True, help="a LoRA folder (e.g. runs/demo/lora)")
     ap.add_argument("--prompts", default="shapes:test")
     ap.add_argument("--tags", nargs="*", default=["colors", "counting"])
@@ -49,6 +60,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model is None:
+        args.model = run_base_model(Path(args.lora))
 
     records = [it["metadata"] for it in load_prompts(args.prompts, args.tags)]
     expanded = [r for r in records for _ in range(args.n)]
