@@ -104,8 +104,9 @@ def drawing_quality(detections, record: dict) -> float:
 
 
 class DrawingQualityReward(Reward):
-    """`drawing_quality` per image: the post-training signal that makes a base draw cleanly
-    without teaching it the prompt's choices (docs/shapes-world.md)."""
+    """`drawing_quality` per image: a signal for post-training a base to draw cleanly without
+    teaching it the prompt's choices. On the shapes base it cleaned the RL rollouts but not the
+    evaluation sampler's images (docs/methods.md#session-11-what-bounds-counting-and-drawing-quality)."""
 
     kind = "pointwise"
     name = "shapes_quality"
