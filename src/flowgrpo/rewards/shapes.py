@@ -30,6 +30,17 @@ class ShapesVerifierReward(Reward):
         return RewardOutput(strict if self.mode == "strict" else partial, {"strict": strict, "partial": partial})
 
 
+def verified(images, prompts, metadata=None):
+    """(record, detections, verdict) per image: the metadata record when given, else the
+    prompt parsed; the verifier's detections and its verdict on them."""
+    from ..worlds.shapes.verify import detect
+
+    for i, (img, prompt) in enumerate(zip(as_uint8_images(images), prompts)):
+        rec = metadata[i] if metadata and metadata[i] and "include" in metadata[i] else parse_prompt(prompt)
+        dets = detect(img)
+        yield rec, dets, score(img, rec, detections=dets)
+
+
 def shape_progress(detections, record: dict) -> float:
     """How close the image is to having each wanted object, even before the verifier accepts
     it: per include clause, the best IoU of any blob with that class's ideal shape (blobs of
@@ -58,14 +69,8 @@ class DenseShapesReward(Reward):
         self.shape_weight = shape_weight
 
     def __call__(self, images, prompts, metadata=None, group_ids=None) -> RewardOutput:
-        from ..worlds.shapes.verify import detect
-
-        images = as_uint8_images(images)
         strict, partial, progress = [], [], []
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            rec = metadata[i] if metadata and metadata[i] and "include" in metadata[i] else parse_prompt(prompt)
-            dets = detect(img)
-            v = score(img, rec, detections=dets)
+        for rec, dets, v in verified(images, prompts, metadata):
             strict.append(v.strict)
             partial.append(v.partial)
             progress.append(shape_progress(dets, rec))
@@ -112,14 +117,8 @@ class DrawingQualityReward(Reward):
     name = "shapes_quality"
 
     def __call__(self, images, prompts, metadata=None, group_ids=None) -> RewardOutput:
-        from ..worlds.shapes.verify import detect
-
-        images = as_uint8_images(images)
         quality, strict, partial = [], [], []
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            rec = metadata[i] if metadata and metadata[i] and "include" in metadata[i] else parse_prompt(prompt)
-            dets = detect(img)
-            v = score(img, rec, detections=dets)
+        for rec, dets, v in verified(images, prompts, metadata):
             quality.append(drawing_quality(dets, rec))
             strict.append(v.strict)
             partial.append(v.partial)
