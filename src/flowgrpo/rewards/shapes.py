@@ -19,11 +19,8 @@ class ShapesVerifierReward(Reward):
         self.name = f"shapes_{mode}"
 
     def __call__(self, images, prompts, metadata=None, group_ids=None) -> RewardOutput:
-        images = as_uint8_images(images)
         strict, partial = [], []
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            rec = metadata[i] if metadata and metadata[i] and "include" in metadata[i] else parse_prompt(prompt)
-            v = score(img, rec)
+        for _, _, v in verified(images, prompts, metadata):
             strict.append(v.strict)
             partial.append(v.partial)
         strict, partial = np.asarray(strict), np.asarray(partial)
