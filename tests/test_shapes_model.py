@@ -83,6 +83,24 @@ def test_pretraining_loss_falls_and_writes_a_pipeline(tmp_path):
     assert (Path(out) / "flowgrpo_defaults.json").is_file()
 
 
+def test_continuation_on_cell_layouts_keeps_the_text_encoders(tiny_shapes_model, tmp_path):
+    """The session-12 teacher recipe: continue a folder on wide-gap cell layouts, text encoders frozen."""
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    arch = asdict(tiny_arch())
+    overrides = [f"out={tmp_path / 'model'}", f"work_dir={tmp_path / 'work'}", f"init_from={tiny_shapes_model}",
+                 "dit_steps=4", "dit_batch=8", "dit_warmup=1", "checkpoint_every=4", "eval_every=0", "threads=1",
+                 "render_cells=true", "render_gap=4", "train_text_encoders=false"] + [f"arch.{k}={v}" for k, v in arch.items()]
+    out = Path(pretrain(load_config(PretrainConfig, None, overrides)))
+    for part in ("text_encoder", "text_encoder_2", "vae", "transformer"):
+        ours = load_file(next((out / part).glob("*.safetensors")))
+        theirs = load_file(next((Path(tiny_shapes_model) / part).glob("*.safetensors")))
+        same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert same == (part != "transformer"), part
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "flowgrpo", *args], capture_output=True, text=True, timeout=120)
 

@@ -71,6 +71,21 @@ def test_verifier_accepts_renderer_output():
     assert np.mean(ok) >= 0.99
 
 
+@pytest.mark.parametrize("gap,cells", [(4, False), (2, True), (4, True)])
+def test_wider_gaps_and_cell_layouts_keep_objects_apart_and_verifiable(gap, cells):
+    rng = np.random.default_rng(1)
+    for r in all_records() * 2:
+        objects = sample_layout(r, rng, gap=gap, cells=cells)
+        boxes = [b for _, _, b in objects]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                apart = max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+                assert apart >= gap, (r["prompt"], a, b)
+        if cells and len(boxes) > 1:
+            quarters = {(int(b[0] >= 16), int(b[1] >= 16)) for b in boxes}
+            assert len(quarters) == len(boxes) and all((b[2] <= 16) == (b[0] < 16) for b in boxes)
+        assert score(render_layout(objects), r).strict
+
 def _truth(objects, record) -> float:
     """Score a record against the renderer's own objects (ground truth, no detection)."""
     dets = [Detection(c, col, box, (box[2] - box[0]) ** 2, 1.0) for c, col, box in objects]

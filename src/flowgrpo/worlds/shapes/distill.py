@@ -67,6 +67,8 @@ class DistillConfig:
     student_init: str | None = None  # a pipeline folder whose transformer initialises student and EMA
     guided_interval: tuple[float, float] = (0.0, 1.0)  # (0, 1): the teacher everywhere, plain distillation
     t_range: tuple[float, float] = (0.0, 1.0)  # noise levels are drawn uniformly in [lo, hi] (probes of one range)
+    render_gap: int = 2  # least pixels between rendered objects; match the teacher's pretraining scenes
+    render_cells: bool = False  # one object per quarter of the canvas; match the teacher's scenes
 
 
 def corrupt_record(record: dict, rng: np.random.Generator, color_noise: float, count_noise: float) -> dict:
@@ -161,7 +163,7 @@ def distill(cfg: DistillConfig) -> Path:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup, cfg.steps)
         recs = _tag_balanced_prompts(rng, cfg.batch, train)
         scenes = [corrupt_record(r, rng, cfg.color_noise, cfg.count_noise) for r in recs]
-        images = render_batch(scenes, int(rng.integers(2**31)), vae.config.sample_size)
+        images = render_batch(scenes, int(rng.integers(2**31)), vae.config.sample_size, cfg.render_gap, cfg.render_cells)
         drop = rng.random(len(recs)) < cfg.caption_dropout
         captions = ["" if d else r["prompt"] for r, d in zip(recs, drop)]
         teacher_captions = ["" if d else s["prompt"] for s, d in zip(scenes, drop)]

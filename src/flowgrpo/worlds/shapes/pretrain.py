@@ -53,6 +53,13 @@ class PretrainConfig:
     # Warm start from a saved pipeline folder (e.g. the shipped assets/shapes-sd3) instead of
     # random weights: continue pretraining in a later session without the run's checkpoint.
     init_from: Optional[str] = None
+    # Least pixels between objects in the rendered scenes. 2 made the shipped base; wider gaps
+    # leave the model room to keep neighbours apart (docs/shapes-world.md, session 12).
+    render_gap: int = 2
+    render_cells: bool = False  # one object per quarter of the canvas in multi-object scenes
+    # False keeps the text encoders as loaded (a continuation that changes only how the model
+    # draws, so students and earlier assets keep sharing the teacher's encoders).
+    train_text_encoders: bool = True
 
 
 def _tag_balanced_prompts(rng: np.random.Generator, n: int, records: list[dict]) -> list[dict]:
@@ -205,7 +212,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     ema = build_transformer(arch)
     ema.load_state_dict(transformer.state_dict())
     ema.requires_grad_(False)
-    params = list(transformer.parameters()) + [p for e in encoders for p in e.parameters()]
+    if not cfg.train_text_encoders:
+        for e in encoders:
+            e.eval().requires_grad_(False)
+    params = list(transformer.parameters()) + [p for e in encoders for p in e.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     rng = np.random.default_rng(cfg.seed + 3)
     gen = torch.Generator().manual_seed(cfg.seed + 4)
@@ -222,7 +232,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         for g in opt.param_groups:
             g["lr"] = cfg.dit_lr * _lr_factor(step, cfg)
         recs = _tag_balanced_prompts(rng, cfg.dit_batch, train)
-        images = render_batch(recs, int(rng.integers(2**31)), arch.image_size)
+        images = render_batch(recs, int(rng.integers(2**31)), arch.image_size, cfg.render_gap, cfg.render_cells)
         prompts = [r["prompt"] if rng.random() >= cfg.caption_dropout else "" for r in recs]
         with torch.no_grad():
             x0 = (vae.encode(_to_tensor(images)).latent_dist.mode() - shift) * scale

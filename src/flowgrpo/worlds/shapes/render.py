@@ -1,8 +1,8 @@
 """Render random scenes that satisfy a GenEval metadata record.
 
 Scenes are flat-coloured shapes on a white background, drawn at 4x and box-filtered down so
-edges are soft like a generator's. Objects never touch (a gap of two pixels), so the
-verifier's connected components see each one apart. These images are the pretraining data
+edges are soft like a generator's. Objects never touch (a gap of two pixels by default, wider
+on request), so the verifier's connected components see each one apart. These images are the pretraining data
 and the reference images for adversarial rewards.
 """
 
@@ -51,8 +51,14 @@ def _relation_holds(rel: str, box, ref) -> bool:
     return rel in rels and len(rels) == 1
 
 
-def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tries: int = 2000):
-    """Objects [(class, colour, box)] satisfying the record; boxes are (x0, y0, x1, y1)."""
+def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tries: int = 2000, gap: int = GAP,
+                  cells: bool = False):
+    """Objects [(class, colour, box)] satisfying the record; boxes are (x0, y0, x1, y1).
+
+    `gap` is the least distance in pixels between two objects' boxes at the final resolution.
+    `cells` puts each object of a multi-object scene in its own quarter of the canvas (a jittered
+    2x2 grid), so neighbours never crowd each other.
+    """
     validate_record(record)
     wanted = []  # (class, colour or None, position clause or None)
     for clause in record["include"]:
@@ -63,15 +69,25 @@ def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tr
     scale = size / 32
     for _ in range(max_tries):
         boxes: list[tuple[int, int, int, int]] = []
+        used_cells: list[int] = []
         ok = True
         for cls, _, pos in wanted:
             placed = False
             for _ in range(60):
                 s = int(round(rng.integers(lo, hi + 1) * scale))
-                x0 = int(rng.integers(1, size - s))
-                y0 = int(rng.integers(1, size - s))
+                if cells and n > 1:
+                    half, margin = size // 2, max(1, gap // 2)
+                    s = min(s, half - 2 * margin)
+                    cell = int(rng.choice([c for c in range(4) if c not in used_cells]))
+                    cx, cy = (cell % 2) * half, (cell // 2) * half
+                    x0 = int(rng.integers(cx + margin, cx + half - margin - s + 1))
+                    y0 = int(rng.integers(cy + margin, cy + half - margin - s + 1))
+                else:
+                    cell = -1
+                    x0 = int(rng.integers(1, size - s))
+                    y0 = int(rng.integers(1, size - s))
                 box = (x0, y0, x0 + s, y0 + s)
-                if any(_overlaps(box, b) for b in boxes):
+                if any(_overlaps(box, b, gap) for b in boxes):
                     continue
                 if pos is not None:
                     # position clauses point at the first object of include[index]
@@ -79,6 +95,7 @@ def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tr
                     if not _relation_holds(pos[0], box, boxes[ref_idx]):
                         continue
                 boxes.append(box)
+                used_cells.append(cell)
                 placed = True
                 break
             if not placed:
@@ -101,16 +118,17 @@ def render_layout(objects, size: int = 32) -> np.ndarray:
     return np.asarray(big.resize((size, size), Image.BOX))
 
 
-def render(record: dict, rng: np.random.Generator | int | None = None, size: int = 32) -> np.ndarray:
+def render(record: dict, rng: np.random.Generator | int | None = None, size: int = 32, gap: int = GAP,
+           cells: bool = False) -> np.ndarray:
     """One HxWx3 uint8 image satisfying `record`."""
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    return render_layout(sample_layout(record, rng, size), size)
+    return render_layout(sample_layout(record, rng, size, gap=gap, cells=cells), size)
 
 
-def render_batch(records: list[dict], seed: int, size: int = 32) -> np.ndarray:
+def render_batch(records: list[dict], seed: int, size: int = 32, gap: int = GAP, cells: bool = False) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.stack([render(r, rng, size) for r in records])
+    return np.stack([render(r, rng, size, gap, cells) for r in records])
 
 
 __all__ = ["PALETTE", "BACKGROUND", "CLASSES", "render", "render_batch", "sample_layout", "render_layout"]
