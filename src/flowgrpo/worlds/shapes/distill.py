@@ -222,6 +222,7 @@ def write_pipeline(pipe, transformer, out: Path, cfg: DistillConfig) -> Path:
     (tmp / "flowgrpo_defaults.json").write_text(json.dumps(defaults))
     (tmp / "distillation.json").write_text(json.dumps(
         {k: getattr(cfg, k) for k in ("teacher", "steps", "guidance", "color_noise", "count_noise", "seed",
-                                      "student_init", "guided_interval", "t_range")}, indent=1, default=list))
+                                      "student_init", "guided_interval", "t_range", "render_gap",
+                                      "render_cells")}, indent=1, default=list))
     _atomic_dir_swap(tmp, out)
     return out
