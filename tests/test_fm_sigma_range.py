@@ -51,13 +51,17 @@ def test_every_shapes_config_validates():
     names = sorted(p.name for p in (root / "configs").glob("*.yaml"))
     assert {"demo.yaml", "shapes_hour.yaml", "shapes_fast.yaml"} <= set(names)
     from flowgrpo.worlds.shapes.distill import DistillConfig
+    from flowgrpo.worlds.shapes.pretrain import PretrainConfig
 
     for name in names:
-        if name == "pretrain_shapes.yaml":
-            continue  # flowgrpo pretrain's schema, tested in its own file
-        if name in ("distill_shapes.yaml", "distill_refine_shapes.yaml"):  # flowgrpo distill's schema
+        if name.startswith("pretrain_"):  # flowgrpo pretrain's schema
+            cfg = load_config(PretrainConfig, root / "configs" / name)
+            assert cfg.init_from is None or (root / cfg.init_from / "transformer").is_dir()
+            continue
+        if name.startswith("distill_"):  # flowgrpo distill's schema
             cfg = load_config(DistillConfig, root / "configs" / name)
             assert all(0.0 <= x <= 1.0 for x in cfg.guided_interval)
+            assert (root / cfg.teacher / "transformer").is_dir(), (name, cfg.teacher)
             continue
         validate(load_config(TrainConfig, root / "configs" / name))
     demo = validate(load_config(TrainConfig, root / "configs" / "demo.yaml"))
