@@ -2,8 +2,8 @@
 
 Scenes are flat-coloured shapes on a white background, drawn at 4x and box-filtered down so
 edges are soft like a generator's. Objects never touch (a gap of two pixels by default, wider
-on request), so the verifier's connected components see each one apart. These images are the pretraining data
-and the reference images for adversarial rewards.
+on request), so the verifier's connected components see each one apart. These images are the
+pretraining data and the reference images for adversarial rewards.
 """
 
 from __future__ import annotations
