@@ -9,7 +9,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "flowgrpo" / "train_config.py"
 SECTIONS = {"LoraConfig": "model.lora", "ModelConfig": "model", "DataConfig": "data", "SampleConfig": "sample",
-            "RewardConfig": "reward", "OptimConfig": "optim", "RunConfig": "run"}
+            "RewardConfig": "reward", "OptimConfig": "optim", "RunConfig": "run",
+            "ParallelConfig": "parallel"}
 
 
 def fields():

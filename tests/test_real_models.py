@@ -379,9 +379,8 @@ def test_full_finetune_flux_and_export_the_transformer(models, tmp_path):
 
 
 def test_recipes_and_accelerate_configs_load():
-    import inspect
-
     from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
     from omegaconf import OmegaConf
 
     from flowgrpo.models import _backend_for
@@ -402,18 +401,10 @@ def test_recipes_and_accelerate_configs_load():
     s = flux.sample
     assert (s.num_steps, s.noise_level, flux.model.shift, s.group_size, s.guidance) == (25, 0.7, 3.0, 8, 3.5)
     assert flux.sample.same_noise_per_group and flux.optim.timestep_mode == "random" and flux.reward.mix == "advantage"
-    # accelerate reads every launch config; FSDP wraps block classes that exist in diffusers
-    import diffusers.models.transformers.transformer_flux as tf
-    import diffusers.models.attention as att
-
+    # accelerate reads every launch config (sharding is the trainer's parallel.strategy, not accelerate's)
     for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
         acc = load_config_from_file(str(path))
-        if acc.fsdp_config:
-            for cls in acc.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","):
-                assert inspect.isclass(getattr(tf, cls, None) or getattr(att, cls, None)), cls
-        if acc.deepspeed_config:
-            ds = json.loads((ROOT / acc.deepspeed_config["deepspeed_config_file"]).read_text())
-            assert ds["zero_allow_untested_optimizer"] and ds["train_micro_batch_size_per_gpu"] >= 1
+        assert acc.distributed_type in ("MULTI_GPU", DistributedType.MULTI_GPU) and not acc.fsdp_config, path.name
 
 
 def test_two_processes_run_the_tiny_sd3_fast_recipe(models, tmp_path):

@@ -27,6 +27,7 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import PromptFileError
     from .eval.benchmarks import EvalError
@@ -34,7 +35,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from .rewards.base import RewardError
     from .worlds.shapes.grammar import GrammarError
 
-    return (UserError, ConfigError, ModelLoadError, RewardError, GrammarError, PromptFileError, EvalError,
+    return (UserError, CheckpointError, ConfigError, ModelLoadError, RewardError, GrammarError, PromptFileError, EvalError,
             FileNotFoundError)
 
 

@@ -14,7 +14,7 @@ def _train(args) -> int:
 
     cfg = validate(load_config(TrainConfig, args.config, args.overrides))
     summary = train(cfg, resume=(args.resume if args.resume != "latest" else True) if args.resume else None)
-    if summary.get("before") and summary.get("after"):
+    if summary.get("change"):  # the main process's summary (the others hold no interval)
         from .eval.shapes import format_table
 
         print(format_table({"before": summary["before"], "after": summary["after"]}))

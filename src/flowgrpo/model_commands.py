@@ -84,7 +84,15 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
         raise ModelLoadError(f"output folder {str(out)!r} is not empty; choose a new one")
     # float32 while fusing: a LoRA delta far below bf16's resolution of W would round away.
     pipe = load_pipeline(DiffusionPipeline, model, torch.float32)
-    if transformer:
+    if transformer and (Path(transformer) / "state.json").is_file():  # a training checkpoint, whole or sharded
+        from .checkpoint import read_trained
+
+        weights = read_trained(transformer)  # the shards of every process joined
+        missing, unexpected = pipe.transformer.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ModelLoadError(f"checkpoint {transformer!r} does not hold this model's whole transformer "
+                                 f"(e.g. {(missing or unexpected)[0]}); a LoRA run's checkpoint: pass --lora CKPT/lora")
+    elif transformer:
         tr_dir = _resolve_transformer(Path(transformer))
         trained = type(pipe.transformer).from_pretrained(str(tr_dir), torch_dtype=torch.float32)
         pipe.register_modules(transformer=trained)
@@ -141,7 +149,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "from_pretrained.")
     p.add_argument("--model", required=True, help="base model: hub id or diffusers folder")
     p.add_argument("--lora", help="LoRA folder written by training (RUN/lora or a checkpoint's lora/)")
-    p.add_argument("--transformer", help="full fine-tune folder (RUN/model) instead of a LoRA")
+    p.add_argument("--transformer", help="full fine-tune instead of a LoRA: RUN/model, or a checkpoint folder "
+                                         "(RUN/checkpoints/ckpt-N, whole or sharded by FSDP2)")
     p.add_argument("--out", required=True, help="new, empty output folder")
     p.add_argument("--merge-lora", action="store_true", help="fuse the LoRA into the weights (else copied to OUT/lora)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiple of the trained strength (1 = as trained)")

@@ -166,6 +166,19 @@ class RunConfig:
     wandb: bool = False  # log to Weights & Biases too (pip install flowgrpo[wandb])
     threads: int = 0  # torch CPU threads (0 = torch default)
     dump_advantages: bool = False  # write each process's rewards/advantages per iteration (debugging, tests)
+    # rewards of the held-out evaluation for prompts the shapes verifier cannot check ({name: weight});
+    # empty: the training rewards (reward.weights). Shapes prompts are always judged by the verifier.
+    eval_rewards: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelConfig:
+    # ddp: every process holds the whole model, gradients are all-reduced; fsdp2: weights, gradients
+    # and optimizer states are sharded over the processes (fully_shard, one unit per transformer block)
+    strategy: str = "ddp"
+    cpu_offload: bool = False  # fsdp2: keep the shards (and optimizer states) in CPU memory, gathered per block
+    # fsdp2: free a block's gathered weights after its forward (less memory, a second all-gather in backward)
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -176,6 +189,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -188,6 +202,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .sampling import JUDGED_IMAGES, KINDS
 
     s, o, r = cfg.sample, cfg.optim, cfg.reward
+    if cfg.parallel.strategy not in ("ddp", "fsdp2"):
+        raise ConfigError(f"parallel.strategy must be 'ddp' or 'fsdp2', got {cfg.parallel.strategy!r}")
     if o.policy_loss not in OBJECTIVES:
         raise ConfigError(f"optim.policy_loss must be one of {', '.join(OBJECTIVES)}, got {o.policy_loss!r}")
     if s.kind not in KINDS:

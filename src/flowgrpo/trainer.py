@@ -29,6 +29,7 @@ from .algorithms.objectives import CHECKPOINT_NAME, Services, derived_generator,
 from .data import load_prompts
 from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
+from .parallel import gathered, set_gradient_sync
 from .rewards import as_uint8_images, make_reward
 from .sampling import initial_noise, rollout
 from .train_config import TrainConfig
@@ -85,12 +86,19 @@ class Trainer:
         # Trained weights are kept in float32 even when the model runs in half precision.
         for p in self.policy.trainable_parameters():
             p.data = p.data.float()
+        self.sharded = cfg.parallel.strategy == "fsdp2"
+        if self.sharded:  # parallel.py: every block one FSDP2 unit; parameters become shards
+            self.policy.shard(cpu_offload=cfg.parallel.cpu_offload,
+                              reshard_after_forward=cfg.parallel.reshard_after_forward)
         self.named_params = {n: p for n, p in self.policy.transformer.named_parameters() if p.requires_grad}
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(list(self.named_params.values()), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
-        wrapped, self.optimizer = self.acc.prepare(self.policy.transformer, self.optimizer)
-        self.policy.forward_module = wrapped
+        if self.sharded:
+            self.optimizer = self.acc.prepare(self.optimizer)
+        else:
+            wrapped, self.optimizer = self.acc.prepare(self.policy.transformer, self.optimizer)
+            self.policy.forward_module = wrapped
         self.ema = (EMA(list(self.named_params.values()), o.ema_decay, o.ema_every, warmup=o.ema_warmup)
                     if o.ema_decay > 0 else None)
         self.rewards = {name: make_reward(name, **dict(cfg.reward.args.get(name, {})))
@@ -272,10 +280,9 @@ class Trainer:
                     w = weights[mb * o.train_batch_size:(mb + 1) * o.train_batch_size]
                     last = j == len(chunk) - 1
                     for k, t in enumerate(steps):
+                        # gradients are reduced across processes only at the last backward before a step
                         sync = last and k == len(steps) - 1
-                        # DeepSpeed runs its optimizer step inside backward whenever gradients sync:
-                        # let them sync only at the last backward before our optimizer step.
-                        self.acc.gradient_state._set_sync_gradients(sync)
+                        set_gradient_sync(model, sync)  # FSDP2; DDP's no_sync below
                         with (self.acc.no_sync(model) if not sync else contextlib.nullcontext()):
                             loss, st = objective.loss(batch, idx, w, t, advantages[idx])
                             self.acc.backward(loss / (len(steps) * len(chunk)))
@@ -288,13 +295,17 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 objective.after_optimizer_step()
-        self.acc.gradient_state._set_sync_gradients(True)
+        set_gradient_sync(model, True)
         model.eval()
         if self.ema is not None:
             self.ema.update(iteration + 1)
-        out = {f"train/{k}": float(np.mean(v)) for k, v in agg.items() if v}
+        # every process ran as many microbatches: the mean of their means is the whole batch's mean
+        names = [k for k, v in agg.items() if v]
+        local = torch.tensor([float(np.mean(agg[k])) for k in names] + [first_dev], dtype=torch.float64)
+        everyone = self.acc.gather(local.to(self.acc.device)[None]).cpu().reshape(self.world, -1)
+        out = {f"train/{k}": float(everyone[:, i].mean()) for i, k in enumerate(names)}
         out.update({f"train/{k}": v for k, v in objective.after_iteration(iteration).items()})
-        out["train/max_ratio_dev_first"] = first_dev
+        out["train/max_ratio_dev_first"] = float(everyone[:, -1].max())
         out["train/kept_share"] = float(counts.sum()) / self.global_batch
         out["train/timesteps"] = len(steps)
         return out
@@ -313,6 +324,37 @@ class Trainer:
             neg = {k: v.expand(len(x), *v.shape[1:]) for k, v in self.negative.items()}
         with self.policy.reference() if reference else contextlib.nullcontext():
             return self.policy.velocity(x, sigma, cond, neg, self.cfg.sample.guidance)
+
+    # ---- evaluation and saving -------------------------------------------------------------
+    @contextlib.contextmanager
+    def evaluation_weights(self):
+        """The weights that are evaluated and saved (EMA's when it is on), run through the bare
+        module: a DDP wrapper's forward would wait for the other processes' gradients."""
+        ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        active = self.policy.forward_module
+        self.policy.forward_module = self.policy.transformer
+        try:
+            with ctx:
+                yield
+        finally:
+            self.policy.forward_module = active
+
+    def eval_rewards(self) -> dict:
+        """{name: (reward, weight)} judging held-out prompts the shapes verifier cannot
+        (run.eval_rewards, else the training rewards)."""
+        weights = dict(self.cfg.run.eval_rewards) or dict(self.cfg.reward.weights)
+        args = self.cfg.reward.args
+        return {name: (self.rewards.get(name) or make_reward(name, **dict(args.get(name, {}))), w)
+                for name, w in weights.items()}
+
+    def save_final(self, folder: Path) -> Path | None:
+        """The trained weights (EMA's when on) in diffusers' format: gathered whole once from the
+        shards under FSDP2 (every process must call this), written by the main process."""
+        with self.evaluation_weights():
+            state = gathered(self.policy.trained_state(), keep=self.acc.is_main_process) if self.sharded else None
+            if self.acc.is_main_process:
+                return self.policy.save_trained(folder, state)
+        return None
 
     # ---- adversarial rewards ---------------------------------------------------------------
     def update_discriminators(self, batch: Batch) -> dict:
@@ -364,34 +406,34 @@ def timed(fn, *args):
 
 # ---- the loop ------------------------------------------------------------------------------
 def evaluate(trainer: Trainer, tag: str) -> dict:
-    """Held-out evaluation on the main process (EMA weights when EMA is on)."""
-    from .eval.shapes import evaluate_policy
-
-    cfg = trainer.cfg
-    items = trainer.test_items
-    if not items or not all("include" in it["metadata"] and "tag" in it["metadata"] for it in items):
-        return {}
-    ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
-    with ctx:
-        table, images, recs = evaluate_policy(
-            trainer.policy, [it["metadata"] for it in items], images_per_prompt=cfg.run.eval_images_per_prompt,
-            steps=cfg.run.eval_steps, guidance=cfg.run.eval_guidance or cfg.sample.guidance,
-            resolution=trainer.resolution, seed=cfg.run.seed + 777, batch_size=cfg.run.eval_batch_size)
+    """Held-out evaluation (EMA weights when EMA is on), split over every process
+    (eval/held_out.py); every process must call it, every process gets the table."""
+    from .eval.held_out import evaluate_held_out
     from .runlog import image_grid
 
-    out = Path(cfg.run.output_dir) / "grids"
-    out.mkdir(parents=True, exist_ok=True)
-    per = cfg.run.eval_images_per_prompt
-    pick = np.concatenate([images[i * per:(i + 1) * per] for i in range(0, len(items), max(1, len(items) // 12))][:12])
-    image_grid(pick, per, [items[i]["prompt"] for i in range(0, len(items), max(1, len(items) // 12))][:12],
-               scale=3).save(out / f"eval-{tag}.png")
-    return table
+    cfg, acc = trainer.cfg, trainer.acc
+    if not trainer.test_items:
+        return {}
+    with trainer.evaluation_weights():
+        result = evaluate_held_out(
+            trainer.policy, trainer.test_items, images_per_prompt=cfg.run.eval_images_per_prompt,
+            steps=cfg.run.eval_steps, guidance=cfg.run.eval_guidance or cfg.sample.guidance,
+            resolution=trainer.resolution, seed=cfg.run.seed + 777, batch_size=cfg.run.eval_batch_size,
+            rewards=trainer.eval_rewards(), accelerator=acc)
+    if acc.is_main_process:
+        out = Path(cfg.run.output_dir) / "grids"
+        out.mkdir(parents=True, exist_ok=True)
+        image_grid(np.concatenate(result.grid_images), cfg.run.eval_images_per_prompt, result.grid_prompts,
+                   scale=3).save(out / f"eval-{tag}.png")
+    return result.table
 
 
 def eval_stats(table: dict) -> dict[str, float]:
-    """The logged scalars of one held-out evaluation: accuracy per tag, and the image statistics
-    against the renderer's (eval/image/size, ..._ref) when the evaluation has them."""
+    """The logged scalars of one held-out evaluation: accuracy (or reward) per tag, each reward's
+    mean when rewards judged it, and the image statistics against the renderer's
+    (eval/image/size, ..._ref) when the evaluation has them."""
     return {"eval/overall": table["overall"], **{f"eval/{k}": v for k, v in table["per_tag"].items()},
+            **{f"eval/reward/{k}": v for k, v in table.get("per_reward", {}).items()},
             **{f"eval/image/{k}": v for k, v in table.get("image_stats", {}).items()}}
 
 
@@ -401,21 +443,29 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
 
     from tqdm import tqdm
 
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .checkpoint import CheckpointReader, latest_checkpoint, load_checkpoint
     from .config import save_config, to_dict
     from .runlog import MetricsLogger, image_grid, plot_run, read_metrics
 
     t_start = time.time()
+    if resume and resume is not True:  # a damaged checkpoint is named before minutes of model loading
+        CheckpointReader(resume)
     trainer = Trainer(cfg)
     acc, run = trainer.acc, cfg.run
     out_dir = Path(run.output_dir)
     start, summary = 0, {}
     if resume:
-        ckpt = latest_checkpoint(out_dir) if resume is True else Path(resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+        if resume is True:
+            ckpt = latest_checkpoint(out_dir, report=print if acc.is_main_process else None)
+            if ckpt is None:
+                raise FileNotFoundError(f"--resume: no intact checkpoint under {out_dir / 'checkpoints'}")
+            if acc.is_main_process:
+                print(f"resuming from {ckpt}")
+        else:
+            ckpt = Path(resume)
         state = load_checkpoint(ckpt, named_params=trainer.named_params, optimizer=trainer.optimizer,
-                                ema=trainer.ema, rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective})
+                                ema=trainer.ema, rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective},
+                                rank=acc.process_index, world=acc.num_processes)
         start, summary = state["step"], state.get("summary", {})
         trainer.step = start
     if acc.is_main_process:
@@ -423,9 +473,9 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         save_config(cfg, out_dir / "config.yaml")
     logger = MetricsLogger(out_dir, run.tensorboard, run.wandb, to_dict(cfg), resume=bool(resume)) \
         if acc.is_main_process else None
-    if start == 0 and run.eval_before and acc.is_main_process:
+    if start == 0 and run.eval_before:
         summary["before"] = evaluate(trainer, "before")
-        if summary["before"]:
+        if summary["before"] and logger:
             logger.log(0, eval_stats(summary["before"]))
     acc.wait_for_everyone()
     end = cfg.optim.steps if max_iterations is None else min(cfg.optim.steps, start + max_iterations)
@@ -444,15 +494,15 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         stats.update({"time/sample": t_sample, "time/reward": t_reward, "time/update": t_update,
                       "lr": trainer.optimizer.param_groups[0]["lr"]})
         trainer.step = it + 1
+        if run.eval_every and (it + 1) % run.eval_every == 0 and it + 1 < cfg.optim.steps:
+            table = evaluate(trainer, f"{it + 1:05d}")
+            if table:
+                stats.update(eval_stats(table))
         if acc.is_main_process:
             if run.grid_every and (it + 1) % run.grid_every == 0 or it == start:
                 g = image_grid(batch.images[: 4 * cfg.sample.group_size], cfg.sample.group_size, scale=3)
                 (out_dir / "grids").mkdir(exist_ok=True)
                 g.save(out_dir / "grids" / f"train-{it + 1:05d}.png")
-            if run.eval_every and (it + 1) % run.eval_every == 0 and it + 1 < cfg.optim.steps:
-                table = evaluate(trainer, f"{it + 1:05d}")
-                if table:
-                    stats.update(eval_stats(table))
             logger.log(it + 1, stats)
             post = {"reward": f"{stats['reward/mean']:.3f}"}
             strict_key = next((k for k in stats if k.endswith("/strict")), None)
@@ -462,16 +512,15 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         if run.save_every and (it + 1) % run.save_every == 0 and it + 1 < end:
             _save(trainer, it + 1, summary)
     acc.wait_for_everyone()
-    if trainer.step >= cfg.optim.steps and acc.is_main_process:
+    if trainer.step >= cfg.optim.steps:
         table = evaluate(trainer, "after")
         if table:
             summary["after"] = table
-            logger.log(trainer.step, eval_stats(table))
+            if logger:
+                logger.log(trainer.step, eval_stats(table))
+    ckpt = _save(trainer, trainer.step, summary)
+    final = trainer.save_final(out_dir / "lora" if trainer.policy.lora else out_dir / "model")
     if acc.is_main_process:
-        ckpt = _save(trainer, trainer.step, summary)
-        ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
-        with ctx:
-            final = trainer.policy.save_trained(out_dir / "lora" if trainer.policy.lora else out_dir / "model")
         plot_run(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plot.png")
         summary.update({"wall_seconds": time.time() - t_start, "lora": str(final), "checkpoint": str(ckpt),
                         "iterations": trainer.step})
@@ -490,12 +539,11 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
 
 
 def _save(trainer: Trainer, step: int, summary: dict):
+    """A checkpoint (every process takes part: LoRA gathered, shards written by their owners)."""
     from .checkpoint import save_checkpoint
 
-    if not trainer.acc.is_main_process:
-        return None
     return save_checkpoint(trainer.cfg.run.output_dir, step, policy=trainer.policy,
                            named_params=trainer.named_params, optimizer=trainer.optimizer, ema=trainer.ema,
                            rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective},
                            state={"summary": summary, "ema_updates": trainer.ema.num_updates if trainer.ema else 0},
-                           keep_last=trainer.cfg.run.keep_last)
+                           keep_last=trainer.cfg.run.keep_last, accelerator=trainer.acc)

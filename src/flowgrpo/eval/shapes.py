@@ -55,7 +55,22 @@ def sample_images(policy, prompts: list[str], seeds: list[int], *, steps: int, g
 UNSEEN = "unseen_bindings"  # the row of prompts binding a colour to a class never bound in training
 
 
-def accuracy_table(images: np.ndarray, records: list[dict]) -> dict:
+def image_verdicts(images: np.ndarray, records: list[dict]) -> list[dict]:
+    """The verifier's verdict on each image (strict, partial, its table row, objects detected and
+    named): what accuracy_table averages, computed image by image so that processes can each
+    judge their share and one table is made of all of them."""
+    held = set(HELD_OUT_BINDINGS)
+    out = []
+    for img, rec in zip(images, records):
+        dets = detect(img)
+        v = score(img, rec, dets)
+        out.append({"strict": v.strict, "partial": v.partial,
+                    "tag": UNSEEN if bindings(rec) & held else rec["tag"],
+                    "objects": len(dets), "named": sum(d.cls != "unknown" for d in dets)})
+    return out
+
+
+def table_from_verdicts(verdicts: list[dict]) -> dict:
     """{"overall", "per_tag", "partial", "n_images", "recognised_objects", "strict", "tags"}.
 
     overall is the mean of the tags (GenEval). Prompts that bind a colour to a class no
@@ -63,23 +78,21 @@ def accuracy_table(images: np.ndarray, records: list[dict]) -> dict:
     a sample of the tag: they form their own row, `unseen_bindings`, outside the overall.
     `recognised_objects` is the share of detected objects the verifier names as some shape.
     """
-    strict, partial, tags = [], [], []
-    n_objects = n_known = 0
-    held = set(HELD_OUT_BINDINGS)
-    for img, rec in zip(images, records):
-        dets = detect(img)
-        n_objects += len(dets)
-        n_known += sum(d.cls != "unknown" for d in dets)
-        v = score(img, rec, dets)
-        strict.append(v.strict)
-        partial.append(v.partial)
-        tags.append(UNSEEN if bindings(rec) & held else rec["tag"])
+    strict = [v["strict"] for v in verdicts]
+    tags = [v["tag"] for v in verdicts]
+    n_objects = sum(v["objects"] for v in verdicts)
+    n_known = sum(v["named"] for v in verdicts)
     per_tag = {t: float(np.mean([s for s, tt in zip(strict, tags) if tt == t])) for t in sorted(set(tags))}
     seen = [v for t, v in per_tag.items() if t != UNSEEN]
     return {"overall": float(np.mean(seen)) if seen else float("nan"), "per_tag": per_tag,
-            "partial": float(np.mean(partial)), "n_images": len(records),
+            "partial": float(np.mean([v["partial"] for v in verdicts])), "n_images": len(verdicts),
             "recognised_objects": n_known / n_objects if n_objects else float("nan"),
             "strict": strict, "tags": tags}
+
+
+def accuracy_table(images: np.ndarray, records: list[dict]) -> dict:
+    """The verifier's table of `images` drawn for `records` (table_from_verdicts)."""
+    return table_from_verdicts(image_verdicts(images, records))
 
 
 def paired_difference_ci(before: list[float], after: list[float], tags: list[str]) -> tuple[float, float, float]:
@@ -122,14 +135,17 @@ def format_table(results: dict[str, dict]) -> str:
 
 def evaluate_policy(policy, records: list[dict], *, images_per_prompt: int, steps: int, guidance: float,
                     resolution: int, seed: int = 0, batch_size: int = 64, progress: bool = False):
-    """(table, images, expanded records) for the shapes verifier."""
-    seeds = image_seeds(len(records), images_per_prompt, seed)
+    """(table, images, expanded records) for the shapes verifier, on this process alone (the
+    trainer's held-out evaluation, eval/held_out.py, splits the same work over processes and
+    gives the same table)."""
+    from .held_out import evaluate_held_out
+
+    result = evaluate_held_out(policy, [{"prompt": r["prompt"], "metadata": r} for r in records],
+                               images_per_prompt=images_per_prompt, steps=steps, guidance=guidance,
+                               resolution=resolution, seed=seed, batch_size=batch_size, keep_images=True,
+                               progress=progress)
     expanded = [r for r in records for _ in range(images_per_prompt)]
-    images = sample_images(policy, [r["prompt"] for r in expanded], seeds, steps=steps, guidance=guidance,
-                           resolution=resolution, batch_size=batch_size, progress=progress)
-    table = accuracy_table(images, expanded)
-    table["image_stats"] = image_stats_vs_renders(images, expanded)
-    return table, images, expanded
+    return result.table, result.images, expanded
 
 
 def image_stats_vs_renders(images: np.ndarray, records: list[dict], seed: int = 99) -> dict[str, float]:

@@ -49,8 +49,15 @@ class Policy(Protocol):
     def load_lora(self, folder: str | Path, scale: float = 1.0) -> None:
         """Apply a saved LoRA folder for sampling (evaluation of a trained run)."""
 
-    def save_trained(self, folder: str | Path) -> Path:
-        """Write the trained weights (a LoRA folder loadable by diffusers, or a full model)."""
+    def save_trained(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the trained weights (a LoRA folder loadable by diffusers, or a full model);
+        `state`: the gathered `trained_state()` of a sharded model."""
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The tensors `save_trained` writes (sharded ones under FSDP2)."""
+
+    def shard_units(self, module: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+        """The transformer's blocks: one FSDP2 sharding unit each."""
 
 
 @contextlib.contextmanager

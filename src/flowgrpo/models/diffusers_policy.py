@@ -18,6 +18,7 @@ class DiffusersPolicy:
     pipeline_class_name: str = ""  # the diffusers pipeline this backend wraps
     default_max_sequence_length: int = 256
     text_encoder_attrs: tuple[str, ...] = ()  # the pipeline's text encoders, frozen at load
+    block_attrs: tuple[str, ...] = ("transformer_blocks",)  # the transformer's block lists (FSDP2 units)
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: torch.dtype = torch.float32, device="cpu",
@@ -118,6 +119,21 @@ class DiffusersPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    def shard_units(self, module: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+        """The transformer's blocks, each one FSDP2 unit (`module`: a copy of the transformer, e.g.
+        the frozen reference of full fine-tuning)."""
+        module = self.transformer if module is None else module
+        return [block for attr in self.block_attrs for block in getattr(module, attr)]
+
+    def shard(self, **options) -> None:
+        """Shard the transformer (and the reference copy of full fine-tuning) with FSDP2."""
+        from ..parallel import shard_module
+
+        for module in (self.transformer, self._reference_module):
+            if module is not None:
+                shard_module(module, self.shard_units(module), compute_dtype=self.dtype, **options)
+        self.forward_module = self.transformer
+
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
 
@@ -171,13 +187,27 @@ class DiffusersPolicy:
                     state[key] = state[key] * scaling
         return state
 
-    def save_trained(self, folder: str | Path) -> Path:
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What `save_trained` writes: the LoRA as it acts, or the whole transformer's weights
+        (sharded tensors under FSDP2: gather them with `parallel.gathered` on every process)."""
+        return self.lora_state_dict() if self.lora is not None else dict(self.transformer.state_dict())
+
+    def save_trained(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """LoRA: `pytorch_lora_weights.safetensors` that the pipeline's load_lora_weights reads;
-        full fine-tuning: the transformer folder."""
+        full fine-tuning: the transformer folder. `state`: the gathered `trained_state()` of a
+        sharded model (the module itself then holds only this process's shards)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self.lora is not None:
-            type(self.pipe).save_lora_weights(folder, transformer_lora_layers=self.lora_state_dict())
-        else:
+            type(self.pipe).save_lora_weights(folder, transformer_lora_layers=state or self.lora_state_dict())
+        elif state is None:
             self.transformer.save_pretrained(folder / "transformer")
+        else:
+            from huggingface_hub import save_torch_state_dict
+
+            out = folder / "transformer"
+            self.transformer.save_config(out)
+            # diffusers' own file names and index, so from_pretrained reads it as a saved model
+            save_torch_state_dict(state, out, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                  max_shard_size="10GB")
         return folder

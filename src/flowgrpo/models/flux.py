@@ -93,6 +93,7 @@ def place_pipeline(pipe, device, cpu_offload: bool) -> torch.device:
 class FluxPolicy(DiffusersPolicy):
     """A `FluxPipeline` as a GRPO policy (layout, guidance and sigma rules in the module docstring)."""
 
+    block_attrs = ("transformer_blocks", "single_transformer_blocks")  # double- and single-stream
     lora_targets = FLUX_LORA_TARGETS
     pipeline_class_name = "FluxPipeline"
     default_max_sequence_length = FLUX_SAMPLE_DEFAULTS["max_sequence_length"]

@@ -103,6 +103,7 @@ def patchify(x: torch.Tensor) -> torch.Tensor:
 class Flux2Policy(DiffusersPolicy):
     """A `Flux2Pipeline` as a GRPO policy (text, layout, ids, guidance and sigmas in the module docstring)."""
 
+    block_attrs = ("transformer_blocks", "single_transformer_blocks")  # double- and single-stream
     lora_targets = FLUX2_LORA_TARGETS
     pipeline_class_name = "Flux2Pipeline"
     default_max_sequence_length = FLUX2_SAMPLE_DEFAULTS["max_sequence_length"]
