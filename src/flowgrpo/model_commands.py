@@ -89,6 +89,7 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
 
         weights = read_trained(transformer)  # the shards of every process joined
         missing, unexpected = pipe.transformer.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if k in dict(pipe.transformer.named_parameters())]  # buffers are not trained
         if missing or unexpected:
             raise ModelLoadError(f"checkpoint {transformer!r} does not hold this model's whole transformer "
                                  f"(e.g. {(missing or unexpected)[0]}); a LoRA run's checkpoint: pass --lora CKPT/lora")
