@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ...parallel import full_tensor
 from .base import ForwardObjective, masked_mean, per_sample_mean, stats, swapped_in
 
 ADV_MODES = ("all", "positive_only", "negative_only", "binary", "one_only")
@@ -130,7 +131,9 @@ class NFTObjective(ForwardObjective):
         o = self.cfg.optim
         d = decay_at(self.updates, o.nft_decay_type, o.nft_decay, o.nft_decay_flat, o.nft_decay_rate, o.nft_decay_max)
         soft_update(self.old, self.services.params, d)
-        gap = sum(float(((p.detach().float() - q) ** 2).sum()) for p, q in zip(self.services.params, self.old))
+        # full_tensor: under FSDP2 a sum over shards is a partial sum on each process until reduced
+        gap = sum(float(full_tensor(((p.detach().float() - q) ** 2).sum()))
+                  for p, q in zip(self.services.params, self.old))
         return {**self.info, "nft/decay": d, "nft/old_distance": gap ** 0.5}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
