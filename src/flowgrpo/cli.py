@@ -13,6 +13,7 @@ import sys
 # Modules that contribute top-level subcommands, in help order.
 COMMAND_MODULES = [
     "flowgrpo.commands",  # train, pretrain, sample, bench
+    "flowgrpo.plan",  # plan
     "flowgrpo.model_commands",  # preprocess, export
     "flowgrpo.eval.commands",  # eval shapes | generate | score | report
     "flowgrpo.eval.headroom",  # headroom

@@ -264,8 +264,10 @@ class Trainer:
         kept = torch.nonzero(keep).flatten()
         counts = self.acc.gather(torch.tensor([len(kept)], device=self.acc.device)).cpu()
         n_mb = max(1, math.ceil(int(counts.max()) / o.train_batch_size))
-        # Every process runs the same number of backward passes (DDP), padding with weight 0.
-        order = kept.tolist() + [0] * (n_mb * o.train_batch_size - len(kept))
+        # Every process runs the same number of backward passes (DDP, FSDP2), padding with weight 0;
+        # micro-batches no larger than needed, so a process with fewer samples computes no more rows
+        mb_size = min(o.train_batch_size, max(1, math.ceil(int(counts.max()) / n_mb)))
+        order = kept.tolist() + [0] * (n_mb * mb_size - len(kept))
         weights = torch.tensor([1.0] * len(kept) + [0.0] * (len(order) - len(kept)))
         steps = self.loss_steps(batch, iteration)
         chunks = np.array_split(np.arange(n_mb), min(o.optimizer_steps, n_mb))
@@ -276,8 +278,8 @@ class Trainer:
         for epoch in range(o.inner_epochs):
             for ci, chunk in enumerate(chunks):
                 for j, mb in enumerate(chunk):
-                    idx = torch.tensor(order[mb * o.train_batch_size:(mb + 1) * o.train_batch_size])
-                    w = weights[mb * o.train_batch_size:(mb + 1) * o.train_batch_size]
+                    idx = torch.tensor(order[mb * mb_size:(mb + 1) * mb_size])
+                    w = weights[mb * mb_size:(mb + 1) * mb_size]
                     last = j == len(chunk) - 1
                     for k, t in enumerate(steps):
                         # gradients are reduced across processes only at the last backward before a step
