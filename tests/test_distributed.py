@@ -49,6 +49,10 @@ CASES = {
 }
 
 
+GENERIC_PROMPTS = ["a red apple on a table", "a blue car in the rain", "a green frog", "two yellow lamps",
+                   "a cat reading a book"]
+
+
 def overrides(model: Path, out: Path, steps: int = 3) -> list[str]:
     # 2 groups of 4 over 2 processes: each holds one group; evaluation on the colour prompts
     return [f"model.path={model}", "model.lora.rank=4", "model.lora.alpha=8", "sample.num_steps=4",
@@ -83,8 +87,11 @@ def summary(out: Path) -> dict:
 def runs(tiny_shapes_model, tmp_path_factory) -> Path:
     """Every case trained on one process, and on two under DDP and under FSDP2 (one launch)."""
     root = tmp_path_factory.mktemp("dist")
+    (root / "prompts.txt").write_text("\n".join(GENERIC_PROMPTS) + "\n")
     configs = []
-    for name, extra in CASES.items():
+    cases = {**CASES, "generic_eval": CASES["lora_ratio"] + [
+        f"data.test={root / 'prompts.txt'}", "data.test_tags=[]", "run.eval_rewards={jpeg_compressibility: 1.0}"]}
+    for name, extra in cases.items():
         train(make_cfg(tiny_shapes_model, root / f"{name}-one", extra))
         for strategy in ("ddp", "fsdp2"):
             cfg = make_cfg(tiny_shapes_model, root / f"{name}-{strategy}", extra + [f"parallel.strategy={strategy}"])
@@ -95,8 +102,10 @@ def runs(tiny_shapes_model, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, "generic_eval"])
 def test_ddp_and_fsdp2_match_one_process(runs, name):
+    """Losses, trained weights and the held-out table (the shapes verifier's, or for other prompts
+    the rewards', here 5 prompts judged by the training rewards) of 2 processes equal 1 process's."""
     one = runs / f"{name}-one"
     base = read_trained(one / "checkpoints" / "ckpt-000003")
     for strategy in ("ddp", "fsdp2"):
@@ -256,3 +265,15 @@ def test_full_fine_tune_saved_by_fsdp2_is_the_trained_transformer(runs, tmp_path
                        dtype="float32")
     exported = SD3Transformer2DModel.from_pretrained(out / "transformer").state_dict()
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_held_out_prompts_need_pointwise_rewards(tiny_shapes_model, tmp_path):
+    """Win rates average 0.5 in every group: they cannot measure held-out progress."""
+    from flowgrpo.config import ConfigError
+    from flowgrpo.trainer import Trainer
+
+    (tmp_path / "p.txt").write_text("\n".join(GENERIC_PROMPTS))
+    cfg = make_cfg(tiny_shapes_model, tmp_path / "run", [f"data.test={tmp_path / 'p.txt'}", "data.test_tags=[]",
+                                                         "run.eval_rewards={pref_winrate: 1.0}"])
+    with pytest.raises(ConfigError, match="run.eval_rewards"):
+        Trainer(cfg)

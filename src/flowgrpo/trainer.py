@@ -27,6 +27,7 @@ import torch
 from .algorithms import EMA, group_advantages, mix_advantages
 from .algorithms.objectives import CHECKPOINT_NAME, Services, derived_generator, objective_class
 from .data import load_prompts
+from .eval.held_out import is_shapes
 from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
 from .parallel import gathered, set_gradient_sync
@@ -112,6 +113,8 @@ class Trainer:
         self.resolution = s.resolution or self.policy.default_resolution()
         self.negative = self.policy.encode_prompts([""]) if s.guidance != 1.0 else None
         self._cond_cache: dict[str, dict] = {}
+        # rewards judging held-out prompts the shapes verifier cannot (made once, refused early if unusable)
+        self.held_out_rewards = self.eval_rewards() if self.test_items and not is_shapes(self.test_items) else None
         self.objective = objective_cls(cfg, self.policy, Services(
             list(self.named_params.values()), self.velocity, cfg.run.seed, self.resolution, self.train_items))
         self.step = 0
@@ -344,10 +347,18 @@ class Trainer:
     def eval_rewards(self) -> dict:
         """{name: (reward, weight)} judging held-out prompts the shapes verifier cannot
         (run.eval_rewards, else the training rewards)."""
+        from .config import ConfigError
+
         weights = dict(self.cfg.run.eval_rewards) or dict(self.cfg.reward.weights)
         args = self.cfg.reward.args
-        return {name: (self.rewards.get(name) or make_reward(name, **dict(args.get(name, {}))), w)
-                for name, w in weights.items()}
+        rewards = {name: (self.rewards.get(name) or make_reward(name, **dict(args.get(name, {}))), w)
+                   for name, w in weights.items()}
+        relative = [name for name, (r, _) in rewards.items() if r.needs_groups]
+        if relative:
+            raise ConfigError(f"held-out evaluation cannot use {', '.join(relative)}: a group-relative reward (win "
+                              f"rates average 0.5 in every group) measures no progress; set run.eval_rewards to "
+                              f"pointwise rewards, e.g. run.eval_rewards={{clip: 1.0}}")
+        return rewards
 
     def save_final(self, folder: Path) -> Path | None:
         """The trained weights (EMA's when on) in diffusers' format: gathered whole once from the
@@ -421,7 +432,7 @@ def evaluate(trainer: Trainer, tag: str) -> dict:
             trainer.policy, trainer.test_items, images_per_prompt=cfg.run.eval_images_per_prompt,
             steps=cfg.run.eval_steps, guidance=cfg.run.eval_guidance or cfg.sample.guidance,
             resolution=trainer.resolution, seed=cfg.run.seed + 777, batch_size=cfg.run.eval_batch_size,
-            rewards=trainer.eval_rewards(), accelerator=acc)
+            rewards=trainer.held_out_rewards, accelerator=acc)
     if acc.is_main_process:
         out = Path(cfg.run.output_dir) / "grids"
         out.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,13 @@ def grid_prompt_indices(n_prompts: int) -> list[int]:
 
 
 def is_shapes(items: list[dict]) -> bool:
-    """The shapes verifier can judge these prompts (GenEval metadata with a tag)."""
-    return bool(items) and all("include" in it["metadata"] and "tag" in it["metadata"] for it in items)
+    """The shapes verifier can judge these prompts: GenEval metadata with a tag whose objects are
+    all shapes (real GenEval prompts name COCO classes and need a detector reward)."""
+    from ..worlds.shapes.grammar import CLASSES
+
+    return bool(items) and all("include" in it["metadata"] and "tag" in it["metadata"]
+                               and all(obj.get("class") in CLASSES for obj in it["metadata"]["include"])
+                               for it in items)
 
 
 def evaluate_held_out(policy, items: list[dict], *, images_per_prompt: int, steps: int, guidance: float,
