@@ -31,9 +31,9 @@ def test_sharding_follows_memory():
 
     # LoRA on SD3.5-M fits one GPU; FLUX.2's 64 GB of bf16 weights do not fit 80 GB with activations
     assert plan("sd35m_geneval.yaml").strategy == "ddp"
-    flux2 = plan("flux2_geneval.yaml")
+    flux2 = plan("flux2_prefgrpo.yaml")
     assert flux2.strategy == "fsdp2" and flux2.fits
-    assert plan("flux2_geneval.yaml", memory=141.0).strategy == "ddp"
+    assert plan("flux2_prefgrpo.yaml", memory=141.0).strategy == "ddp"
     # full fine-tuning of FLUX.1 (16 bytes a parameter, 190 GB) needs its states sharded
     full = plan("flux_dev_prefgrpo.yaml", "model.lora.enabled=false")
     assert full.strategy.startswith("fsdp2")
@@ -85,3 +85,13 @@ def test_estimate_is_within_a_quarter_of_measured_peak_memory():
             est = mod.estimate(config, overrides)
             got = mod.measure(config, overrides, Path(tmp) / f"run{i}")
             assert 0.75 <= est / got <= 1.25, (name, est / 1e9, got / 1e9)
+
+
+def test_the_memory_table_of_the_models_guide_is_current():
+    """docs/models.md's table is what scripts/plan_table.py prints now."""
+    spec = importlib.util.spec_from_file_location("plan_table", ROOT / "scripts" / "plan_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = (ROOT / "docs" / "models.md").read_text()
+    table = doc.split("<!-- plan_table -->")[1].split("<!-- end plan_table -->")[0].strip()
+    assert table == "\n".join(mod.rows()), "regenerate it: python scripts/plan_table.py"

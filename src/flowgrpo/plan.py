@@ -199,7 +199,8 @@ def make_plan(cfg, gpus: int, gpu_memory: float, nodes: int = 1, device: str = "
     factor = ACTIVATION_FACTOR[sizes.backend]
     block_act = tokens * factor * sizes.width * bytes_model  # one block, one image
     if m.gradient_checkpointing:
-        per_image = (sizes.blocks * tokens * 2 * sizes.width * bytes_model + block_act) * cfg_factor
+        # only each block's input hidden states stay, plus one block's activations while it is recomputed
+        per_image = (sizes.blocks * tokens * sizes.width * bytes_model + block_act) * cfg_factor
     else:
         per_image = sizes.blocks * block_act * cfg_factor
 
