@@ -46,6 +46,9 @@ CASES = {
                  "optim.lr=1e-4"],
     "full_ratio": ["model.lora.enabled=false", "optim.lr=1e-4", "optim.kl_beta=0.04", "optim.ema_decay=0.5",
                    "optim.ema_every=1"],
+    # a reward that trains (Adv-GRPO's discriminator) beside the generator, under the same launch
+    "lora_adversarial": ["reward.weights={adversarial: 1.0, shapes_partial: 0.5}", "reward.d_steps=1",
+                         "reward.d_period=2", "reward.args={adversarial: {backbone: shapes, references: shapes, lr: 0.001}}"],
 }
 
 
@@ -117,6 +120,11 @@ def test_ddp_and_fsdp2_match_one_process(runs, name):
         np.testing.assert_allclose(losses(run), losses(one), rtol=1e-4, atol=1e-6, err_msg=strategy)
         trained = read_trained(ckpt)
         assert trained.keys() == base.keys()
+        if name == "lora_adversarial":  # the discriminator: trained on the gathered images, as one process does
+            d_one = CheckpointReader(one / "checkpoints" / "ckpt-000003").whole("reward_adversarial")
+            d_run = CheckpointReader(ckpt).whole("reward_adversarial")
+            assert d_one.keys() == d_run.keys()
+            assert max(float((d_one[k].double() - d_run[k].double()).abs().max()) for k in d_one) < 1e-5
         gap = max(float((trained[k] - base[k]).abs().max()) for k in base)
         # measured 3e-8 .. 3e-6: Adam divides a gradient by its running RMS, so fp32 rounding noise in
         # near-zero gradients (summed in another order over 2 processes) moves weights by a share of lr
