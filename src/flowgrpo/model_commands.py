@@ -111,6 +111,10 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
     (out / "flowgrpo_export.json").write_text(json.dumps(
         {"base": model, "lora": lora, "transformer": transformer, "merged": bool(lora and merge_lora),
          "lora_scale": lora_scale, "dtype": dtype}, indent=1))
+    if lora or transformer:
+        from .model_card import card_for_export
+
+        card_for_export(out, lora or transformer, merged=bool(lora and merge_lora))
     return out
 
 
@@ -122,7 +126,8 @@ def _export(args) -> int:
     out = export_model(args.model, args.out, lora=args.lora, transformer=args.transformer,
                        merge_lora=args.merge_lora, lora_scale=args.lora_scale, dtype=args.dtype)
     what = "fused LoRA" if args.lora and args.merge_lora else ("LoRA beside it" if args.lora else "trained transformer")
-    print(f"wrote a diffusers pipeline ({what}) to {out}")
+    card = " and its model card (README.md)" if (out / "README.md").is_file() else ""
+    print(f"wrote a diffusers pipeline ({what}){card} to {out}")
     return 0
 
 
