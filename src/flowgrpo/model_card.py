@@ -97,18 +97,21 @@ def quick_start(cfg: dict, artifact: Path, *, full_pipeline: bool, lora_subfolde
     if defaults.get("max_sequence_length"):
         kwargs.append(f"max_sequence_length={defaults['max_sequence_length']}")
     dtype = "torch.float32" if cfg["model"].get("dtype", "float32") == "float32" else "torch.bfloat16"
+    from .hf_quiet import diffusers_dtype_key
+
+    key = diffusers_dtype_key()
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     folder = str(artifact) if full_pipeline else base
     absent = "".join(f", {name}=None" for name in _absent_components(folder))
     if full_pipeline:
-        lines.append(f"pipe = DiffusionPipeline.from_pretrained({str(artifact)!r}{absent}, torch_dtype={dtype})")
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({str(artifact)!r}{absent}, {key}={dtype})")
         if lora_subfolder:
             lines.append(f"pipe.load_lora_weights({str(artifact / lora_subfolder)!r})  # the trained strength")
     else:
-        lines.append(f"pipe = DiffusionPipeline.from_pretrained({base!r}{absent}, torch_dtype={dtype})")
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({base!r}{absent}, {key}={dtype})")
         if (artifact / "transformer").is_dir():
             lines += ["transformer = type(pipe.transformer).from_pretrained(",
-                      f"    {str(artifact / 'transformer')!r}, torch_dtype={dtype})",
+                      f"    {str(artifact / 'transformer')!r}, {key}={dtype})",
                       "pipe.register_modules(transformer=transformer)"]
         else:
             lines.append(f"pipe.load_lora_weights({str(artifact)!r})  # the trained strength: no scale needed")

@@ -73,6 +73,7 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
     import torch
     from diffusers import DiffusionPipeline
 
+    from .hf_quiet import diffusers_dtype_key
     from .models.sd3 import DEFAULTS_FILE, ModelLoadError, load_pipeline
 
     out = Path(out)
@@ -95,7 +96,7 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
                                  f"(e.g. {(missing or unexpected)[0]}); a LoRA run's checkpoint: pass --lora CKPT/lora")
     elif transformer:
         tr_dir = _resolve_transformer(Path(transformer))
-        trained = type(pipe.transformer).from_pretrained(str(tr_dir), torch_dtype=torch.float32)
+        trained = type(pipe.transformer).from_pretrained(str(tr_dir), **{diffusers_dtype_key(): torch.float32})
         pipe.register_modules(transformer=trained)
     if lora and merge_lora:
         pipe.load_lora_weights(lora, adapter_name="trained")
