@@ -1,4 +1,4 @@
-"""The three methods side by side on the shapes world (issue 16, docs/studies.md).
+"""The three methods side by side on the shapes world (docs/results/three-methods.md).
 
 Every condition is `configs/demo.yaml` (DiffusionNFT on assets/shapes-sd3-alt, CFG-free) with
 another reward, trained for --steps iterations (default 120: 1.5x the demo's images) and

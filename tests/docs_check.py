@@ -33,8 +33,8 @@ HISTORY = re.compile(
 PROSE_HISTORY = re.compile(
     r"\(new\)|\bnew:|\bthe new (?:base|model|config|recipe|demo|version|layout|default|option)s?\b|\bnewly\b"
     r"|\bnow (?:trains|runs|uses|ships|reads|decays|names|holds|draws|meets)\b"
-    r"|\bthe (?:old|previous|earlier) (?:base|model|config|recipe|demo|version|layout|default|session)s?\b"
-    r"|\bno longer\b", re.I)
+    r"|\bthe (?:old|previous|earlier) (?:base|model|config|recipe|demo|version|layout|default|session)s?\b",
+    re.I)
 
 # Pages that quote the official repositories' files: their `scripts/...` paths are upstream paths.
 UPSTREAM_SCRIPTS = {"docs/fidelity.md"}
@@ -65,7 +65,7 @@ def split_code(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]
 
 def slug(heading: str) -> str:
     """GitHub's anchor of a heading."""
-    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading.strip().lower())
+    text = re.sub(r"[`*]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
@@ -275,12 +275,18 @@ def check_config_comments(path: Path, text: str | None = None) -> list[str]:
 
 
 def check_code(path: Path) -> list[str]:
-    return check_history(rel(path), list(enumerate(path.read_text().splitlines(), 1)), prose=False)
+    """History words, and every `docs/...md#anchor` a comment or docstring points at."""
+    text = path.read_text()
+    errors = check_history(rel(path), list(enumerate(text.splitlines(), 1)), prose=False)
+    for n, line in enumerate(text.splitlines(), 1):
+        for link in re.findall(r"docs/[\w\-/]+\.md(?:#[\w\-]+)?", line):
+            errors += [f"{rel(path)}:{n}: {e}" for e in check_paths(path, f"`{link}`")]
+    return errors
 
 
 def check_test_names() -> list[str]:
     errors = []
-    bad = re.compile(r"(?:^|_)(?:new|old|session\d*|issue\d*)(?:_|$)")
+    bad = re.compile(r"(?:^|_)(?:new|session\d*|issue\d*)(?:_|$)")
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         if bad.search(path.stem.removeprefix("test_")):
             errors.append(f"{rel(path)}: the file name dates the tests; name what they test")

@@ -30,8 +30,9 @@ def test_readme_and_docs_links_paths_commands_keys_and_no_history():
 
 def test_config_comments_and_code_hold_no_history():
     errors = [e for path in sorted((ROOT / "configs").rglob("*.yaml")) for e in check_config_comments(path)]
+    rules = {ROOT / "tests" / "docs_check.py", ROOT / "tests" / "test_docs.py"}  # they spell the patterns out
     for folder in ("src", "scripts", "tests"):
-        errors += [e for path in sorted((ROOT / folder).rglob("*.py")) for e in check_code(path)]
+        errors += [e for path in sorted((ROOT / folder).rglob("*.py")) if path not in rules for e in check_code(path)]
     errors += check_test_names()
     assert not errors, "\n".join(errors)
 
