@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_PREFIXES = ("runs/", "data/", "exports/", "refs/", "models/", "RUN/", "OUT/")
 REPO_FOLDERS = ("src/", "docs/", "configs/", "scripts/", "tests/", "assets/")
 
+# A clone has no ../shared: docs and recipes point at data/ (flowgrpo data fetch).
+OUTSIDE = re.compile(r"\.\./shared\b")
+
 HISTORY = re.compile(
     r"\bsessions? \d|\(session|session-\d|\bissues? #?\d|\bfor the record\b|\bpreviously\b"
     r"|\buntil (?:session|issue|now|recently|then)\b|\bsince (?:session|issue)\b|\bused to be\b", re.I)
@@ -235,6 +238,9 @@ def config_key_exists(key: str) -> bool:
 def check_history(label: str, lines: list[tuple[int, str]], prose: bool) -> list[str]:
     errors = []
     for n, line in lines:
+        if prose and OUTSIDE.search(line):
+            errors.append(f"{label}:{n}: points at ../shared, which a clone does not have; use data/ "
+                          f"(flowgrpo data fetch NAME)")
         for rx in (HISTORY, PROSE_HISTORY) if prose else (HISTORY,):
             m = rx.search(line)
             if m:

@@ -47,6 +47,7 @@ PLANTED = [
     ("Run `flowgrpo eval shapes --modle M`.\n", "has no flag --modle"),
     ("```bash\nflowgrpo train configs/demo.yaml \\\n    optim.lrr=1e-4\n```\n", "config key 'optim.lrr'"),
     ("Set `sample.windw_size` to 3.\n", "config key 'sample.windw_size'"),
+    ("Prompts: `../shared/data/unigenbench/train_prompt.txt`.\n", "points at ../shared"),
 ]
 
 
