@@ -90,6 +90,24 @@ def inline_code(line: str) -> list[str]:
     return re.findall(r"`([^`]+)`", line)
 
 
+def prose_spans(prose: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Inline code spans with the line they start on; a span may wrap onto the next lines of its
+    paragraph (it is read with the line breaks as spaces)."""
+    spans, para = [], []
+    for n, line in prose + [(0, "")]:
+        if line.strip():
+            para.append((n, line))
+            continue
+        offsets, text = [], ""
+        for pn, pl in para:
+            offsets.append((len(text), pn))
+            text += pl + " "
+        for m in re.finditer(r"`([^`]+)`", text):
+            spans.append((max(pn for off, pn in offsets if off <= m.start()), m.group(1)))
+        para = []
+    return spans
+
+
 # ---- the checks -------------------------------------------------------------------------------
 
 def check_links(path: Path, text: str) -> list[str]:
@@ -120,7 +138,7 @@ def _path_like(token: str, folders: tuple[str, ...] = REPO_FOLDERS) -> str | Non
 def check_paths(path: Path, text: str) -> list[str]:
     errors = []
     prose, code = split_code(text)
-    tokens = [(n, t) for n, line in prose for span in inline_code(line) for t in span.split()]
+    tokens = [(n, t) for n, span in prose_spans(prose) for t in span.split()]
     tokens += [(n, t) for n, line in code for t in line.split()]
     folders = tuple(f for f in REPO_FOLDERS if not (rel(path) in UPSTREAM_SCRIPTS and f == "scripts/"))
     for n, token in tokens:
@@ -139,7 +157,7 @@ def check_paths(path: Path, text: str) -> list[str]:
 def commands_in(text: str) -> list[tuple[int, str]]:
     """Every `flowgrpo ...` command: inline spans, and code lines (with \\ continuations)."""
     prose, code = split_code(text)
-    found = [(n, span) for n, line in prose for span in inline_code(line) if span.startswith("flowgrpo ")]
+    found = [(n, span) for n, span in prose_spans(prose) if span.startswith("flowgrpo ")]
     pending, start = "", 0
     for n, line in code:
         body = line.strip().removeprefix("$ ")
@@ -206,12 +224,11 @@ def config_keys_in(text: str) -> list[tuple[int, str]]:
     prose, code = split_code(text)
     keys = []
     pattern = re.compile(rf"^({'|'.join(CONFIG_SECTIONS)})\.[a-z_][\w.]*")
-    for n, line in prose:
-        for span in inline_code(line):
-            for word in span.split():
-                m = pattern.match(word.strip("'\"["))
-                if m and not re.search(r"\.(py|md|ya?ml|json|jsonl|txt|csv|png)$", m.group(0)):
-                    keys.append((n, m.group(0).rstrip(".")))
+    for n, span in prose_spans(prose):
+        for word in span.split():
+            m = pattern.match(word.strip("'\"["))
+            if m and not re.search(r"\.(py|md|ya?ml|json|jsonl|txt|csv|png)$", m.group(0)):
+                keys.append((n, m.group(0).rstrip(".")))
     for n, command in commands_in(text):
         for word in _tokens(command):
             m = pattern.match(word.strip("'\""))

@@ -45,6 +45,7 @@ PLANTED = [
     ("Edit `configs/no_such_recipe.yaml` first.\n", "does not exist"),
     ("Run `flowgrpo trian configs/demo.yaml`.\n", "unknown subcommand"),
     ("Run `flowgrpo eval shapes --modle M`.\n", "has no flag --modle"),
+    ("Run `flowgrpo eval shapes --model M\n--tgas colors` on the split.\n", "has no flag --tgas"),
     ("```bash\nflowgrpo train configs/demo.yaml \\\n    optim.lrr=1e-4\n```\n", "config key 'optim.lrr'"),
     ("Set `sample.windw_size` to 3.\n", "config key 'sample.windw_size'"),
     ("Prompts: `../shared/data/unigenbench/train_prompt.txt`.\n", "points at ../shared"),
