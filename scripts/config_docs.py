@@ -61,7 +61,8 @@ def render(sources, title: str, intro: list[str]) -> str:
             if section != current:
                 out += ["", f"## `{section}`", "", "| key | type | default | why |", "| --- | --- | --- | --- |"]
                 current = section
-            out.append(f"| `{key_of(section, name)}` | `{typ.replace(' | ', ' or ')}` | `{default}` | {reason.replace('|', '/')} |")
+            typ, reason = typ.replace(" | ", " or "), reason.replace("|", "/")
+            out.append(f"| `{key_of(section, name)}` | `{typ}` | `{default}` | {reason} |")
     return "\n".join(out) + "\n"
 
 

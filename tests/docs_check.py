@@ -86,10 +86,6 @@ def anchors(path: Path) -> set[str]:
     return out
 
 
-def inline_code(line: str) -> list[str]:
-    return re.findall(r"`([^`]+)`", line)
-
-
 def prose_spans(prose: list[tuple[int, str]]) -> list[tuple[int, str]]:
     """Inline code spans with the line they start on; a span may wrap onto the next lines of its
     paragraph (it is read with the line breaks as spaces)."""
@@ -148,7 +144,8 @@ def check_paths(path: Path, text: str) -> list[str]:
         file_part, _, anchor = p.partition("#")
         matches = list(ROOT.glob(file_part)) if "*" in file_part else [ROOT / file_part]
         if not matches or not matches[0].exists():
-            errors.append(f"{rel(path)}:{n}: path {p!r} does not exist (outputs go under {', '.join(OUTPUT_PREFIXES[:4])})")
+            errors.append(f"{rel(path)}:{n}: path {p!r} does not exist "
+                          f"(outputs go under {', '.join(OUTPUT_PREFIXES[:4])})")
         elif anchor and matches[0].suffix == ".md" and anchor not in anchors(matches[0]):
             errors.append(f"{rel(path)}:{n}: no heading for anchor #{anchor} in {file_part}")
     return errors
@@ -221,7 +218,7 @@ def check_command(command: str) -> list[str]:
 
 
 def config_keys_in(text: str) -> list[tuple[int, str]]:
-    prose, code = split_code(text)
+    prose, _ = split_code(text)
     keys = []
     pattern = re.compile(rf"^({'|'.join(CONFIG_SECTIONS)})\.[a-z_][\w.]*")
     for n, span in prose_spans(prose):

@@ -3,10 +3,9 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from docs_check import (ROOT, check_code, check_config_comments, check_doc, check_test_names, doc_files)
+from docs_check import ROOT, check_code, check_config_comments, check_doc, check_test_names, doc_files
 
 
 def _run(script_args):
@@ -17,7 +16,8 @@ def _run(script_args):
 @pytest.mark.parametrize("args,page", [([], "configs.md"), (["--shapes"], "shapes-configs.md")])
 def test_config_reference_is_current_and_every_field_has_a_reason(args, page):
     out = _run(args)
-    assert out == (ROOT / "docs" / page).read_text(), f"run: python scripts/config_docs.py {' '.join(args)} > docs/{page}"
+    fix = f"run: python scripts/config_docs.py {' '.join(args)} > docs/{page}"
+    assert out == (ROOT / "docs" / page).read_text(), fix
     rows = [line for line in out.splitlines() if line.startswith("| `")]
     assert len(rows) > 40
     assert not [r for r in rows if r.rstrip().endswith("|  |")], "a config field has no reason comment"

@@ -61,13 +61,13 @@ def _citation_key(name: str) -> str:
 
 
 def _first_prompt(cfg: dict) -> str:
-    from .data import load_prompts
+    from .data import PromptFileError, load_prompts
 
     for src in (cfg["data"].get("test"), cfg["data"].get("train")):
         if src:
             try:
                 return load_prompts(src)[0]["prompt"]
-            except Exception:  # a prompt file absent on this machine: the card still gets an example
+            except (OSError, ValueError, PromptFileError):  # a prompt file absent here: the card still gets one
                 continue
     return "a photo of a cat"
 
@@ -130,7 +130,8 @@ def _results(summary: dict) -> list[str]:
     out = ["Held-out prompts, scored by the shapes verifier (strict accuracy), the same seeds before and after:", "",
            "| tag | before | after |", "| --- | --- | --- |"]
     for t in tags:
-        out.append(f"| {t} | {before['per_tag'].get(t, float('nan')):.3f} | {after['per_tag'].get(t, float('nan')):.3f} |")
+        b, a = before["per_tag"].get(t, float("nan")), after["per_tag"].get(t, float("nan"))
+        out.append(f"| {t} | {b:.3f} | {a:.3f} |")
     out.append(f"| **overall** | **{before['overall']:.3f}** | **{after['overall']:.3f}** |")
     if unseen in after["per_tag"]:
         out.append(f"| {unseen} (outside the overall) | {before['per_tag'].get(unseen, float('nan')):.3f} | "
