@@ -39,7 +39,8 @@ PROSE_HISTORY = re.compile(
     r"|\bthe (?:old|previous|earlier) (?:base|model|config|recipe|demo|version|layout|default|session)s?\b",
     re.I)
 
-# Pages that quote the official repositories' files: their `scripts/...` paths are upstream paths.
+# Pages that quote the official repositories' files (and the GPU recipes, configs/recipes/): their
+# `scripts/...` paths are upstream paths.
 UPSTREAM_SCRIPTS = {"docs/fidelity.md"}
 
 CONFIG_SECTIONS = ("model", "data", "sample", "reward", "optim", "run", "parallel")
@@ -136,7 +137,8 @@ def check_paths(path: Path, text: str) -> list[str]:
     prose, code = split_code(text)
     tokens = [(n, t) for n, span in prose_spans(prose) for t in span.split()]
     tokens += [(n, t) for n, line in code for t in line.split()]
-    folders = tuple(f for f in REPO_FOLDERS if not (rel(path) in UPSTREAM_SCRIPTS and f == "scripts/"))
+    upstream = rel(path) in UPSTREAM_SCRIPTS or rel(path).startswith("configs/recipes/")
+    folders = tuple(f for f in REPO_FOLDERS if not (upstream and f == "scripts/"))
     for n, token in tokens:
         p = _path_like(token.strip("()"), folders)
         if p is None or p.startswith(OUTPUT_PREFIXES):
@@ -289,8 +291,8 @@ def check_config_comments(path: Path, text: str | None = None) -> list[str]:
     comments = yaml_comment_lines(text)
     errors = check_history(rel(path), comments, prose=True)
     for n, line in comments:
-        for link in re.findall(r"docs/[\w\-/]+\.md(?:#[\w\-]+)?", line):
-            errors += [f"{rel(path)}:{n}: {e}" for e in check_paths(path, f"`{link}`")]
+        for token in re.findall(r"(?:src|docs|configs|scripts|tests|assets)/[\w.\-/]*[\w\-](?:#[\w\-]+)?", line):
+            errors += check_paths(path, "\n" * (n - 1) + f"`{token}`")
     return errors
 
 
@@ -300,7 +302,7 @@ def check_code(path: Path) -> list[str]:
     errors = check_history(rel(path), list(enumerate(text.splitlines(), 1)), prose=False)
     for n, line in enumerate(text.splitlines(), 1):
         for link in re.findall(r"docs/[\w\-/]+\.md(?:#[\w\-]+)?", line):
-            errors += [f"{rel(path)}:{n}: {e}" for e in check_paths(path, f"`{link}`")]
+            errors += check_paths(path, "\n" * (n - 1) + f"`{link}`")
     return errors
 
 
