@@ -24,7 +24,7 @@ evaluated on the demo's held-out prompts every 40 iterations. Only the reward ch
 
 `run` trains the missing (condition, seed) runs, --workers at a time with one thread each,
 resumes a run interrupted mid-way from its checkpoint, and writes one small JSON record per
-finished run to docs/studies/ (committed): a rerun, in this session or the next, reuses them.
+finished run to docs/studies/ (committed): a later rerun reuses them.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def run_one(cond: str, seed: int, steps: int) -> Path:
 
 def claim(cond: str, seed: int, steps: int) -> bool:
     """Take a run for this process: a `claim` file holding our pid, created atomically. A claim
-    whose process is gone (a session that ended) is taken over, so the run resumes."""
+    whose process is gone (a runner that was stopped) is taken over, so the run resumes."""
     out = RUNS / f"{cond}-s{steps}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "claim"
@@ -249,7 +249,7 @@ def table(data: dict[str, list[dict]], control: str = "verifier") -> str:
 
 def _amplification(r: dict) -> float:
     """Mean advantage std over within-group reward std; undefined under the advantage mix, where
-    the summed reward is never normalised (the trainer now logs it per reward there)."""
+    the summed reward is never normalised (the trainer logs it per reward there)."""
     if "reward.mix=advantage" in r.get("overrides", CONDITIONS.get(r["condition"], [])):
         return float("nan")
     return float(np.nanmean([x.get("adv/amplification", np.nan) for x in r["curves"]]))

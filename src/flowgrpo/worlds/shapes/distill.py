@@ -208,7 +208,7 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 def write_pipeline(pipe, transformer, out: Path, cfg: DistillConfig) -> Path:
-    """The teacher's folder with the distilled transformer; CFG-free is now its default."""
+    """The teacher's folder with the distilled transformer; CFG-free is its default."""
     from diffusers import StableDiffusion3Pipeline
 
     student_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": transformer})
