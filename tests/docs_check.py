@@ -7,6 +7,7 @@
   what commands write (`runs/...`, `data/...`), so they need not exist in a clone.
 - Commands: every `flowgrpo ...` shown (in backticks or a code block) names subcommands and flags
   that the CLI's argparse parser has. Upper-case words are placeholders; `[...]` marks optional parts.
+  A `flowgrpo train CONFIG overrides` line whose CONFIG is in the repository loads and validates.
 - Config keys: every `section.key` of a training config named in backticks or as a command's
   `key=value` override exists in `src/flowgrpo/train_config.py`.
 - History: no session or issue numbers and no words that date a statement (HISTORY everywhere,
@@ -219,6 +220,24 @@ def check_command(command: str) -> list[str]:
     return errors
 
 
+def check_train_config(command: str) -> list[str]:
+    """A `flowgrpo train CONFIG overrides` line whose CONFIG is a repository file must load and
+    validate with its overrides (placeholder values such as `model.path=BASE` are left out)."""
+    from flowgrpo.config import load_config
+    from flowgrpo.train_config import TrainConfig, validate
+
+    words = _tokens(command)
+    if len(words) < 3 or words[1] != "train" or not (ROOT / words[2]).is_file():
+        return []
+    overrides = [w for w in words[3:] if "=" in w and not w.startswith("-")
+                 and not re.search(r"=[A-Z_]+$|\[[A-Z, ]+\]", w)]
+    try:
+        validate(load_config(TrainConfig, ROOT / words[2], overrides))
+    except Exception as exc:  # noqa: BLE001 - any failure to load is what the check reports
+        return [f"the config does not load: {str(exc).splitlines()[0]}"]
+    return []
+
+
 def config_keys_in(text: str) -> list[tuple[int, str]]:
     prose, _ = split_code(text)
     keys = []
@@ -269,7 +288,8 @@ def check_doc(path: Path, text: str | None = None) -> list[str]:
     text = path.read_text() if text is None else text
     errors = check_links(path, text) + check_paths(path, text)
     for n, command in commands_in(text):
-        errors += [f"{rel(path)}:{n}: `{command}`: {e}" for e in check_command(command)]
+        problems = check_command(command)
+        errors += [f"{rel(path)}:{n}: `{command}`: {e}" for e in problems or check_train_config(command)]
     for n, key in config_keys_in(text):
         if not config_key_exists(key):
             errors.append(f"{rel(path)}:{n}: config key {key!r} is not in src/flowgrpo/train_config.py")

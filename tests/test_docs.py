@@ -48,6 +48,7 @@ PLANTED = [
     ("Run `flowgrpo eval shapes --model M\n--tgas colors` on the split.\n", "has no flag --tgas"),
     ("```bash\nflowgrpo train configs/demo.yaml \\\n    optim.lrr=1e-4\n```\n", "config key 'optim.lrr'"),
     ("Set `sample.windw_size` to 3.\n", "config key 'sample.windw_size'"),
+    ("Run `flowgrpo train configs/demo.yaml optim.policy_loss=nftt`.\n", "the config does not load"),
     ("Prompts: `../shared/data/unigenbench/train_prompt.txt`.\n", "points at ../shared"),
 ]
 
