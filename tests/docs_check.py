@@ -33,7 +33,8 @@ OUTSIDE = re.compile(r"\.\./shared\b")
 
 HISTORY = re.compile(
     r"\bsessions? \d|\(session|session-\d|\bissues? #?\d|\bfor the record\b|\bpreviously\b"
-    r"|\buntil (?:session|issue|now|recently|then)\b|\bsince (?:session|issue)\b|\bused to be\b", re.I)
+    r"|\buntil (?:session|issue|now|recently|then)\b|\bsince (?:session|issue)\b|\bused to be\b"
+    r"|\b(?:the|this) issue\b", re.I)
 PROSE_HISTORY = re.compile(
     r"\(new\)|\bnew:|\bthe new (?:base|model|config|recipe|demo|version|layout|default|option)s?\b|\bnewly\b"
     r"|\bnow (?:trains|runs|uses|ships|reads|decays|names|holds|draws|meets)\b"

@@ -1,6 +1,6 @@
 """Qwen-Image and FLUX.2 through the `flowgrpo` command line, on the tiny random pipelines of
 tests/test_qwen_flux2.py: `preprocess` then `train` on a copy of the model folder whose text
-encoder is deleted (the cache serves every prompt), the training variants the issue lists
+encoder is deleted (the cache serves every prompt), the training variants a user combines
 (full fine-tuning, CPS, a Fast window, KL, the awm / nft / reward_filtered / supervised
 objectives), `export` (LoRA fused or copied, a full fine-tune swapped in), `sample` and
 `eval generate`."""
