@@ -52,7 +52,8 @@ def test_train_writes_a_card_whose_quick_start_loads_the_trained_lora(demo_run, 
     lora = demo_run / "lora"
     card = (lora / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
-    assert meta["base_model"] == str(BASE) and meta["library_name"] == "diffusers"
+    assert "base_model" not in meta and f"# base_model: {BASE} is a local folder" in card  # the Hub checks ids
+    assert meta["library_name"] == "diffusers"
     assert meta["pipeline_tag"] == "text-to-image" and "diffusionnft" in meta["tags"] and "license" not in meta
     assert "optim.policy_loss: nft" in card and "`shapes_partial` x 1.0" in card
     assert "| **overall** |" in card and "95% CI" in card  # the run's own before/after table
@@ -79,6 +80,19 @@ def test_export_writes_a_card_that_loads_the_exported_pipeline(demo_run, tmp_pat
     merged = _run_quick_start(code, tmp_path)
     via_lora = _run_quick_start(_quick_start((demo_run / "lora" / "README.md").read_text()), tmp_path)
     assert np.abs(merged.astype(int) - via_lora).max() <= 2  # fused weights draw what the LoRA draws
+
+
+def test_a_hub_base_is_named_in_the_metadata(tmp_path):
+    from flowgrpo.config import to_dict
+    from flowgrpo.model_card import render_card
+
+    cfg = to_dict(validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / "flux_dev_prefgrpo.yaml")))
+    card = render_card(cfg, {}, tmp_path / "lora")
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "black-forest-labs/FLUX.1-dev"
+    assert {"flow-grpo", "pref-grpo", "lora"} <= set(meta["tags"])
+    assert "arXiv:2508.20751" in card and "arXiv:2505.05470" in card
+    assert "DiffusionPipeline.from_pretrained('black-forest-labs/FLUX.1-dev'" in card
 
 
 def test_method_names_follow_the_switches():

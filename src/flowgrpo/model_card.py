@@ -89,9 +89,11 @@ def quick_start(cfg: dict, artifact: Path, *, full_pipeline: bool, lora_subfolde
 
     base = cfg["model"]["path"]
     defaults = model_defaults(str(artifact) if full_pipeline else base)
-    size = defaults.get("resolution") or cfg["model"].get("resolution")
+    size = defaults.get("resolution") or cfg["sample"].get("resolution")
     guidance = cfg["run"].get("eval_guidance") or cfg["sample"]["guidance"]
-    kwargs = [f"num_inference_steps={cfg['run']['eval_steps']}", f"guidance_scale={guidance}"]
+    # the finer of the run's two samplers: its evaluation's, or its rollouts' when those take more steps
+    steps = max(cfg["run"]["eval_steps"], cfg["sample"]["num_steps"])
+    kwargs = [f"num_inference_steps={steps}", f"guidance_scale={guidance}"]
     if size:
         kwargs = [f"height={size}", f"width={size}"] + kwargs
     if defaults.get("max_sequence_length"):
@@ -115,6 +117,8 @@ def quick_start(cfg: dict, artifact: Path, *, full_pipeline: bool, lora_subfolde
                       "pipe.register_modules(transformer=transformer)"]
         else:
             lines.append(f"pipe.load_lora_weights({str(artifact)!r})  # the trained strength: no scale needed")
+    if dtype != "torch.float32":
+        lines.append('pipe.to("cuda")')
     lines += [f"image = pipe({_first_prompt(cfg)!r}, {', '.join(kwargs)},",
               "             generator=torch.Generator().manual_seed(0)).images[0]",
               "image.save(\"sample.png\")"]
@@ -168,8 +172,11 @@ def render_card(cfg: dict, summary: dict, artifact: Path, *, full_pipeline: bool
     tags = ["flowgrpo", "text-to-image", "reinforcement-learning", "diffusers"] + [n.lower() for n in methods]
     if cfg["model"]["lora"]["enabled"] and not full_pipeline:
         tags.append("lora")
-    meta = ["---", f"base_model: {cfg['model']['path']}", "library_name: diffusers", "pipeline_tag: text-to-image",
-            "tags:"] + [f"- {t}" for t in dict.fromkeys(tags)] + [
+    base = cfg["model"]["path"]
+    # The Hub checks base_model against its model ids: a local folder is named in a comment instead.
+    base_line = (f"# base_model: {base} is a local folder; set the Hub id it was published under"
+                 if Path(base).exists() else f"base_model: {base}")
+    meta = ["---", base_line, "library_name: diffusers", "pipeline_tag: text-to-image", "tags:"] + [f"- {t}" for t in dict.fromkeys(tags)] + [
             "# license: set this to the base model's licence before publishing", "---"]
     what = "a LoRA" if cfg["model"]["lora"]["enabled"] else "a fine-tuned transformer"
     if full_pipeline:
