@@ -6,7 +6,7 @@ Samples the tag's training prompts with the 20-step ODE (CFG-free). For a step k
 clean prediction x0 = x_k - sigma_k v at that step, noises it again to sigma_k with fresh noise,
 finishes with the ODE and checks whether the result passes / shows the same colours as the
 original sample. Agreement near chance at step k means the choice was still open there;
-agreement near 1 means it had been made. Docs: docs/methods.md#session-7-train-where-the-choice-is-made.
+agreement near 1 means it had been made. Results: docs/results/objectives.md#where-the-choice-is-made-noise-levels.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ update path; the rest learn from the model's own samples and the verifier.
     python scripts/objectives_study.py --report               # table and figure of every finished run
 
 writes runs/study_objectives/<condition>-seed<k>/, docs/figures/objectives_curves.png and a
-Markdown table on stdout (docs/methods.md). Set --threads 1 to run two studies side by side.
+Markdown table on stdout (docs/results/objectives.md). Set --threads 1 to run two studies side by side.
 """
 
 from __future__ import annotations

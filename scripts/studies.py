@@ -1,6 +1,6 @@
-"""The three methods side by side on the shapes world (issue 16, docs/studies.md).
+"""The three methods side by side on the shapes world (docs/results/three-methods.md).
 
-Every condition is `configs/demo.yaml` (DiffusionNFT on assets/shapes-sd3-alt, CFG-free) with
+Every condition is `configs/demo.yaml` with model.path=assets/shapes-sd3-alt (DiffusionNFT, CFG-free) with
 another reward, trained for --steps iterations (default 120: 1.5x the demo's images) and
 evaluated on the demo's held-out prompts every 40 iterations. Only the reward changes:
 
@@ -24,7 +24,7 @@ evaluated on the demo's held-out prompts every 40 iterations. Only the reward ch
 
 `run` trains the missing (condition, seed) runs, --workers at a time with one thread each,
 resumes a run interrupted mid-way from its checkpoint, and writes one small JSON record per
-finished run to docs/studies/ (committed): a rerun, in this session or the next, reuses them.
+finished run to docs/studies/ (committed): a later rerun reuses them.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "studies"
 RUNS = ROOT / "runs" / "studies"
+# The base of every recorded run: configs/demo.yaml trains another base, the free-layout studies do not.
+BASE = "assets/shapes-sd3-alt"
 BIAS = 0.5  # object size is 0.1-0.3 of the image: a bonus of a few hundredths, below one verifier check
 JUDGE_TAU = 0.05  # a size gap of 0.03 is a 57/43 call; one failed check (0.25+) is 99/1
 MONITOR = "shapes_partial: 0.0"  # logged, not trained on: the train samples' verifier accuracy
@@ -102,7 +104,7 @@ def run_one(cond: str, seed: int, steps: int) -> Path:
     """Train (or resume) one run and write its record; returns the record's path."""
     out = RUNS / f"{cond}-s{steps}-seed{seed}"
     every = max(40, steps // 3)  # four held-out evaluations a run (0, 1/3, 2/3, end): each costs ~1 min
-    overrides = CONDITIONS[cond] + [f"run.seed={seed}", f"optim.steps={steps}", f"run.output_dir={out}",
+    overrides = CONDITIONS[cond] + [f"model.path={BASE}", f"run.seed={seed}", f"optim.steps={steps}", f"run.output_dir={out}",
                                     "run.threads=1", f"run.eval_every={every}", f"run.save_every={every}",
                                     "run.tensorboard=false"]
     if not (out / "summary.json").exists():
@@ -130,7 +132,7 @@ def run_one(cond: str, seed: int, steps: int) -> Path:
 
 def claim(cond: str, seed: int, steps: int) -> bool:
     """Take a run for this process: a `claim` file holding our pid, created atomically. A claim
-    whose process is gone (a session that ended) is taken over, so the run resumes."""
+    whose process is gone (a runner that was stopped) is taken over, so the run resumes."""
     out = RUNS / f"{cond}-s{steps}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "claim"
@@ -249,7 +251,7 @@ def table(data: dict[str, list[dict]], control: str = "verifier") -> str:
 
 def _amplification(r: dict) -> float:
     """Mean advantage std over within-group reward std; undefined under the advantage mix, where
-    the summed reward is never normalised (the trainer now logs it per reward there)."""
+    the summed reward is never normalised (the trainer logs it per reward there)."""
     if "reward.mix=advantage" in r.get("overrides", CONDITIONS.get(r["condition"], [])):
         return float("nan")
     return float(np.nanmean([x.get("adv/amplification", np.nan) for x in r["curves"]]))

@@ -1,4 +1,4 @@
-"""Options that reproduce the official implementations' conventions (issue 17, docs/fidelity.md).
+"""Options that reproduce the official implementations' conventions (docs/fidelity.md).
 
 Each option is checked against its formula on small hand-made tensors, and its default
 against today's numbers.

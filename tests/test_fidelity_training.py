@@ -1,4 +1,4 @@
-"""Training-side options that reproduce the official implementations (issue 17, docs/fidelity.md):
+"""Training-side options that reproduce the official implementations (docs/fidelity.md):
 the judged image, per-sample timestep subsets, GDPO batch re-normalisation, RatioNorm and the
 discriminator's feature normalisation. Hand-computed examples on small tensors, and the tiny
 shapes model for what goes through a rollout or the trainer.

@@ -1,4 +1,4 @@
-"""Issue 17, judges: the official request options (JPEG at quality 95, max tokens, no
+"""Judges: the official request options (JPEG at quality 95, max tokens, no
 temperature), the lenient official answer parsers beside the strict ones, prompt templates
 read from a user's file and sent verbatim, UniGenBench's official answer format with
 first-block semantics, fresh single-turn retries and --testpoints for the Aug-2025 CSV.

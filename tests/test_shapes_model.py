@@ -84,7 +84,7 @@ def test_pretraining_loss_falls_and_writes_a_pipeline(tmp_path):
 
 
 def test_continuation_on_cell_layouts_keeps_the_text_encoders(tiny_shapes_model, tmp_path):
-    """The session-12 teacher recipe: continue a folder on wide-gap cell layouts, text encoders frozen."""
+    """The cell-layout teacher recipe (configs/pretrain_shapes_cells.yaml): continue a folder on wide-gap cell layouts, text encoders frozen."""
     from dataclasses import asdict
 
     from safetensors.torch import load_file

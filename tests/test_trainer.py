@@ -131,7 +131,7 @@ def test_demo_resume_is_bit_exact(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="optim.lrr"):
         load_config(TrainConfig, None, ["optim.lrr=1"])
-    # 4 optimizer steps on one micro-batch used to be merged into one step without a word
+    # 4 optimizer steps on one micro-batch cannot be taken: the error names the batch size to use
     with pytest.raises(ConfigError, match="optim.train_batch_size <= 16"):
         validate(load_config(TrainConfig, ROOT / "configs" / "demo.yaml", ["optim.optimizer_steps=4"]))
     with pytest.raises(ConfigError, match="optim.steps"):

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "flowgrpo.rewards.server",  # serve-reward
     "flowgrpo.rewards.judge_server",  # serve-judge
     "flowgrpo.rewards.references",  # make-references
+    "flowgrpo.data_fetch",  # data fetch | list
 ]
 
 
@@ -31,13 +32,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import PromptFileError
+    from .data_fetch import DataFetchError
     from .eval.benchmarks import EvalError
     from .models.sd3 import ModelLoadError
     from .rewards.base import RewardError
     from .worlds.shapes.grammar import GrammarError
 
-    return (UserError, CheckpointError, ConfigError, ModelLoadError, RewardError, GrammarError, PromptFileError, EvalError,
-            FileNotFoundError)
+    return (UserError, CheckpointError, ConfigError, ModelLoadError, RewardError, GrammarError, PromptFileError,
+            EvalError, DataFetchError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .hf_quiet import quiet_third_party
+
+    quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

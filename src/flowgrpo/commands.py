@@ -19,8 +19,9 @@ def _train(args) -> int:
 
         print(format_table({"before": summary["before"], "after": summary["after"]}))
         ch = summary["change"]
-        print(f"overall change {ch['overall']:+.3f} (95% CI {ch['ci95'][0]:+.3f} .. {ch['ci95'][1]:+.3f}), "
-              f"{summary['wall_seconds']:.0f} s; LoRA: {summary['lora']}")
+        print(f"optim.policy_loss {cfg.optim.policy_loss}: overall change {ch['overall']:+.3f} "
+              f"(95% CI {ch['ci95'][0]:+.3f} .. {ch['ci95'][1]:+.3f}), {summary['wall_seconds']:.0f} s; "
+              f"LoRA and its model card: {summary['lora']}")
     return 0
 
 
@@ -92,7 +93,7 @@ def _bench(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="GRPO training from a config")
+    p = sub.add_parser("train", help="online RL from a config (the objective is optim.policy_loss)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     p.add_argument("--resume", nargs="?", const="latest", default=None,

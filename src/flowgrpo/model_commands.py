@@ -73,6 +73,7 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
     import torch
     from diffusers import DiffusionPipeline
 
+    from .hf_quiet import diffusers_dtype_key
     from .models.sd3 import DEFAULTS_FILE, ModelLoadError, load_pipeline
 
     out = Path(out)
@@ -95,7 +96,7 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
                                  f"(e.g. {(missing or unexpected)[0]}); a LoRA run's checkpoint: pass --lora CKPT/lora")
     elif transformer:
         tr_dir = _resolve_transformer(Path(transformer))
-        trained = type(pipe.transformer).from_pretrained(str(tr_dir), torch_dtype=torch.float32)
+        trained = type(pipe.transformer).from_pretrained(str(tr_dir), **{diffusers_dtype_key(): torch.float32})
         pipe.register_modules(transformer=trained)
     if lora and merge_lora:
         pipe.load_lora_weights(lora, adapter_name="trained")
@@ -111,6 +112,10 @@ def export_model(model: str, out: str | Path, *, lora: str | None = None, transf
     (out / "flowgrpo_export.json").write_text(json.dumps(
         {"base": model, "lora": lora, "transformer": transformer, "merged": bool(lora and merge_lora),
          "lora_scale": lora_scale, "dtype": dtype}, indent=1))
+    if lora or transformer:
+        from .model_card import card_for_export
+
+        card_for_export(out, lora or transformer, merged=bool(lora and merge_lora))
     return out
 
 
@@ -122,7 +127,8 @@ def _export(args) -> int:
     out = export_model(args.model, args.out, lora=args.lora, transformer=args.transformer,
                        merge_lora=args.merge_lora, lora_scale=args.lora_scale, dtype=args.dtype)
     what = "fused LoRA" if args.lora and args.merge_lora else ("LoRA beside it" if args.lora else "trained transformer")
-    print(f"wrote a diffusers pipeline ({what}) to {out}")
+    card = " and its model card (README.md)" if (out / "README.md").is_file() else ""
+    print(f"wrote a diffusers pipeline ({what}){card} to {out}")
     return 0
 
 

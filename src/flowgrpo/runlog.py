@@ -77,7 +77,9 @@ def image_grid(images: np.ndarray, cols: int, labels: list[str] | None = None, s
 
 
 def plot_run(metrics: list[dict], out: str | Path, reward_key: str = "reward/mean",
-             eval_key: str = "eval/overall") -> Path:
+             eval_key: str = "eval/overall", objective: str | None = None) -> Path:
+    """Training reward and held-out accuracy against iteration; `objective` (optim.policy_loss)
+    titles the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,15 +89,17 @@ def plot_run(metrics: list[dict], out: str | Path, reward_key: str = "reward/mea
     tr = [(m["step"], m[reward_key]) for m in metrics if reward_key in m]
     if tr:
         ax[0].plot(*zip(*tr), marker=".", lw=1)
-    ax[0].set_xlabel("GRPO iteration")
+    ax[0].set_xlabel("iteration")
     ax[0].set_ylabel(reward_key)
     ax[0].set_title("training reward")
     ev = [(m["step"], m[eval_key]) for m in metrics if eval_key in m]
     if ev:
         ax[1].plot(*zip(*ev), marker="o")
-    ax[1].set_xlabel("GRPO iteration")
+    ax[1].set_xlabel("iteration")
     ax[1].set_ylabel(eval_key)
     ax[1].set_title("held-out accuracy")
+    if objective:
+        fig.suptitle(f"optim.policy_loss: {objective}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

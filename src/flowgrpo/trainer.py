@@ -458,6 +458,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
 
     from .checkpoint import CheckpointReader, latest_checkpoint, load_checkpoint
     from .config import save_config, to_dict
+    from .model_card import write_model_card
     from .runlog import MetricsLogger, image_grid, plot_run, read_metrics
 
     t_start = time.time()
@@ -493,7 +494,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
     acc.wait_for_everyone()
     end = cfg.optim.steps if max_iterations is None else min(cfg.optim.steps, start + max_iterations)
     bar = tqdm(range(start, end), initial=start, total=cfg.optim.steps, disable=not acc.is_main_process,
-               desc="GRPO", dynamic_ncols=True)
+               desc=f"train {cfg.optim.policy_loss}", dynamic_ncols=True)
     for it in bar:
         do_gen, do_disc = trainer.phase(it)
         batch, t_sample = timed(trainer.sample, it)
@@ -534,7 +535,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
     ckpt = _save(trainer, trainer.step, summary)
     final = trainer.save_final(out_dir / "lora" if trainer.policy.lora else out_dir / "model")
     if acc.is_main_process:
-        plot_run(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plot.png")
+        plot_run(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plot.png", objective=cfg.optim.policy_loss)
         summary.update({"wall_seconds": time.time() - t_start, "lora": str(final), "checkpoint": str(ckpt),
                         "iterations": trainer.step})
         if summary.get("before") and summary.get("after"):
@@ -546,6 +547,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("strict", "tags")} if isinstance(v, dict) else v)
                 for k, v in summary.items()}
         (out_dir / "summary.json").write_text(json.dumps(slim, indent=2))
+        write_model_card(final, cfg, slim)
         logger.close()
     acc.wait_for_everyone()
     return summary

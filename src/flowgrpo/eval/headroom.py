@@ -108,7 +108,7 @@ def aggregate(scores, passed, tags: list[str] | None = None, prompts: list[str] 
         per_tag[t] = {"prompts": len(sel), "images": len(sel) * n, **_mean_row(sel, n)}
     overall = {"prompts": {"prompts": n_prompts, "images": n_prompts * n, **_mean_row(rows, n)},
                "tags": {"tags": len(per_tag), **_mean_row(list(per_tag.values()), n)}}
-    # the trainer's own counters, for the record (equal to the means above)
+    # the trainer's own counters (equal to the means above), so a run's logs can be checked against them
     overall["prompts"]["zero_signal_groups"] = stats.zero_signal_groups
     return {"n": n, "per_prompt": rows, "per_tag": per_tag, "overall": overall}
 

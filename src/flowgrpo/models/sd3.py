@@ -49,6 +49,8 @@ def check_model_path(model: str) -> None:
 
 
 def load_pipeline(pipeline_cls, model: str, dtype: torch.dtype, **kwargs):
+    from ..hf_quiet import diffusers_dtype_key
+
     check_model_path(model)
     index = Path(model) / "model_index.json"
     if index.is_file():
@@ -57,7 +59,7 @@ def load_pipeline(pipeline_cls, model: str, dtype: torch.dtype, **kwargs):
             if isinstance(spec, list) and spec == [None, None]:
                 kwargs.setdefault(name, None)
     try:
-        return pipeline_cls.from_pretrained(model, torch_dtype=dtype, **kwargs)
+        return pipeline_cls.from_pretrained(model, **{diffusers_dtype_key(): dtype}, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {model!r}: {str(exc).splitlines()[0]} "
                              f"(offline? download it first with `huggingface-cli download {model}`)") from exc

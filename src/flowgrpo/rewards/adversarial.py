@@ -169,6 +169,8 @@ def _config_size(config) -> int:
 def _load_dinov2(spec: str, dtype: torch.dtype):
     from transformers import Dinov2Model
 
+    from ..hf_quiet import transformers_dtype_key
+
     path = Path(spec).expanduser()
     looks_local = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1
     if looks_local:
@@ -179,7 +181,7 @@ def _load_dinov2(spec: str, dtype: torch.dtype):
             raise RewardError(f"backbone folder {spec!r} has no config.json; save one with "
                               f"Dinov2Model.save_pretrained or pass a hub id such as {DEFAULT_BACKBONE}")
     try:
-        model = Dinov2Model.from_pretrained(str(path) if looks_local else spec, torch_dtype=dtype)
+        model = Dinov2Model.from_pretrained(str(path) if looks_local else spec, **{transformers_dtype_key(): dtype})
     except (OSError, ValueError) as exc:
         raise RewardError(f"could not load DINOv2 backbone {spec!r}: {str(exc).splitlines()[0]} "
                           f"(offline? download it first with `huggingface-cli download {spec}`)") from exc

@@ -108,7 +108,7 @@ def drawing_quality(detections, record: dict) -> float:
 class DrawingQualityReward(Reward):
     """`drawing_quality` per image: a signal for post-training a base to draw cleanly without
     teaching it the prompt's choices. On the shapes base it cleaned the RL rollouts but not the
-    evaluation sampler's images (docs/methods.md#session-11-what-bounds-counting-and-drawing-quality)."""
+    evaluation sampler's images (docs/results/objectives.md#counting-and-drawing-quality)."""
 
     kind = "pointwise"
     name = "shapes_quality"
@@ -150,7 +150,7 @@ def image_statistics(images) -> dict[str, np.ndarray]:
 
 class BiasedShapesReward(Reward):
     """The verifier's partial credit plus a small bonus for a nuisance statistic: a stand-in
-    for a learned scorer with an exploitable bias (the reward-hacking study, docs/pref-grpo.md).
+    for a learned scorer with an exploitable bias (the reward-hacking study, docs/results/three-methods.md).
 
     score = partial + bias * statistic, statistic = object size (share of the image covered)
     or colour saturation, both in [0, 1]."""

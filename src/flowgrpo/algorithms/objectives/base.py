@@ -153,7 +153,7 @@ class ForwardObjective(Objective):
     of logit-normal noise levels per image and update. `optim.fm_sigma_range` [lo, hi] draws
     them uniformly in that range instead (or keeps only the rollout sigmas inside it): on the
     shapes model a sample's colour and count are decided above sigma 0.9, where a logit-normal
-    draw lands 1.4% of the time (docs/methods.md)."""
+    draw lands 1.4% of the time (docs/results/objectives.md)."""
 
     def clean_samples(self, batch, iteration: int) -> torch.Tensor:
         """x0 for every local sample: the rollouts' final latents (subclasses may replace them)."""

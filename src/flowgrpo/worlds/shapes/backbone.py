@@ -3,7 +3,7 @@
 Adv-GRPO's discriminator is a small head on frozen DINOv2 features: DINOv2 already "sees"
 blur, noise, washed-out colour and wobbly outlines. No such backbone exists for 32x32 flat
 shapes, and the seeded random one (`rewards.adversarial.shapes_backbone`) leaves the head near
-chance on this world's samples (docs/studies.md). This one is the same tiny `Dinov2Model`,
+chance on this world's samples (docs/results/three-methods.md). This one is the same tiny `Dinov2Model`,
 trained on renders alone, without any generated image: tell a clean render from the same
 render blurred, noised, desaturated, washed out, shrunk, with bled colour, or warped
 (8 classes, cross-entropy on the CLS token). Those are the ways a generator's samples differ

@@ -45,25 +45,24 @@ class DistillConfig:
     teacher: str = "assets/shapes-sd3"  # the pretrained pipeline folder (also the student's init)
     out: str = "assets/shapes-sd3-alt"  # the distilled pipeline folder written at the end
     work_dir: str = "runs/distill"  # checkpoints and log
-    seed: int = 0
-    threads: int = 2
-    steps: int = 1500
-    batch: int = 64
+    seed: int = 0  # scenes, caption noise and flow noise all derive from it
+    threads: int = 2  # torch CPU threads
+    steps: int = 1500  # student steps; the cosine follows this length
+    batch: int = 64  # rendered scenes per step
     lr: float = 2.0e-4  # a fine-tune of a converged model, below pretraining's 6e-4
-    warmup: int = 100
+    warmup: int = 100  # linear warm-up steps, then cosine to 10%
     guidance: float = 4.5  # the teacher guidance baked into the student's CFG-free velocity
     color_noise: float = 0.5  # probability a caption's colour word names another colour
     count_noise: float = 0.4  # probability a counting caption's number is another number
     caption_dropout: float = 0.1  # empty captions learn the teacher's unconditional velocity
     ema_decay: float = 0.995  # the written weights are the EMA (a short run: faster decay than pretraining)
-    checkpoint_every: int = 250
-    log_every: int = 50
+    checkpoint_every: int = 250  # steps between resumable checkpoints in work_dir
+    log_every: int = 50  # steps between loss lines
     stop_after: int = 0  # end this invocation at this step (0: run to `steps`); resume later with the same config
     # A refinement stage: start the student from another folder's transformer instead of the teacher's,
     # and take the teacher's guided velocity as the target only for noise levels inside guided_interval;
     # outside it the target is the corrupted scene's own flow (noise - x0). Guidance at the highest noise
-    # levels is what leaves some noises drawing nothing
-    # (docs/shapes-world.md#the-guidance-interval-why-some-noises-draw-nothing-session-10).
+    # levels is what leaves some noises drawing nothing (docs/results/shapes-bases.md).
     student_init: str | None = None  # a pipeline folder whose transformer initialises student and EMA
     guided_interval: tuple[float, float] = (0.0, 1.0)  # (0, 1): the teacher everywhere, plain distillation
     t_range: tuple[float, float] = (0.0, 1.0)  # noise levels are drawn uniformly in [lo, hi] (probes of one range)
@@ -209,7 +208,7 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 def write_pipeline(pipe, transformer, out: Path, cfg: DistillConfig) -> Path:
-    """The teacher's folder with the distilled transformer; CFG-free is now its default."""
+    """The teacher's folder with the distilled transformer; CFG-free is its default."""
     from diffusers import StableDiffusion3Pipeline
 
     student_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": transformer})

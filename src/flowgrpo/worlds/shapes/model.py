@@ -29,15 +29,15 @@ class ShapesArchitecture:
     """Sizes of the tiny SD3. Defaults are the shipped model's."""
 
     image_size: int = 32  # pixels; the VAE does not downsample, so latents are 32x32 too
-    latent_channels: int = 4
-    vae_channels: int = 32
+    latent_channels: int = 4  # latent channels of the VAE (SD3 uses 16; flat colours need few)
+    vae_channels: int = 32  # width of the one-level VAE
     patch_size: int = 4  # 8x8 = 64 image tokens
-    num_layers: int = 6
-    num_heads: int = 4
-    head_dim: int = 32
-    text_hidden: int = 64
-    text_layers: int = 3
-    text_projection: int = 32
+    num_layers: int = 6  # joint transformer blocks
+    num_heads: int = 4  # attention heads of each block
+    head_dim: int = 32  # width per head: the transformer is 128 wide
+    text_hidden: int = 64  # width of each CLIP text encoder
+    text_layers: int = 3  # layers of each CLIP text encoder
+    text_projection: int = 32  # pooled projection width of each CLIP text encoder
     max_text_tokens: int = 16  # CLIP context length; prompts have at most 10 words
 
 

@@ -31,30 +31,30 @@ from .render import render_batch
 class PretrainConfig:
     out: str = "models/shapes-sd3"  # the diffusers folder written at the end
     work_dir: str = "runs/pretrain"  # checkpoints and logs
-    seed: int = 0
-    threads: int = 2
-    arch: ShapesArchitecture = field(default_factory=ShapesArchitecture)
+    seed: int = 0  # scenes, initial weights and noise all derive from it
+    threads: int = 2  # torch CPU threads
+    arch: ShapesArchitecture = field(default_factory=ShapesArchitecture)  # model sizes (the arch.* keys)
     vae_steps: int = 600  # enough for a non-downsampling VAE to be near-lossless on flat shapes
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
+    vae_batch: int = 32  # rendered scenes per VAE step
+    vae_lr: float = 2e-3  # AdamW, cosine to 10%; a small convolutional VAE tolerates a large rate
     vae_kl_weight: float = 1e-6  # tiny: latents only need to be smooth, not Gaussian
-    dit_steps: int = 8000
-    dit_batch: int = 64
-    dit_lr: float = 6e-4
-    dit_warmup: int = 300
-    weight_decay: float = 0.0
+    dit_steps: int = 8000  # transformer (and text encoder) steps; the cosine follows this length
+    dit_batch: int = 64  # scenes per step, drawn tag-balanced from the train split and rendered on the fly
+    dit_lr: float = 6e-4  # AdamW peak, cosine to 10% after the warm-up
+    dit_warmup: int = 300  # linear warm-up steps of the transformer rate
+    weight_decay: float = 0.0  # none: a short run on unlimited rendered data does not overfit
     ema_decay: float = 0.999  # the shipped weights are the EMA: sharper samples for a short run
     caption_dropout: float = 0.1  # empty prompt so classifier-free guidance works
-    checkpoint_every: int = 500
-    log_every: int = 100
-    eval_every: int = 1000
-    eval_images_per_prompt: int = 2
-    eval_guidance: float = 4.5
+    checkpoint_every: int = 500  # steps between resumable checkpoints in work_dir
+    log_every: int = 100  # steps between loss lines
+    eval_every: int = 1000  # steps between quick verifier evaluations on the test split
+    eval_images_per_prompt: int = 2  # images a prompt in those quick evaluations
+    eval_guidance: float = 4.5  # CFG of the quick evaluations (the pretrained model needs guidance)
     # Warm start from a saved pipeline folder (e.g. the shipped assets/shapes-sd3) instead of
-    # random weights: continue pretraining in a later session without the run's checkpoint.
+    # random weights: continue pretraining from a shipped folder without the run's checkpoint.
     init_from: Optional[str] = None
     # Least pixels between objects in the rendered scenes. 2 made the shipped base; wider gaps
-    # leave the model room to keep neighbours apart (docs/shapes-world.md, session 12).
+    # leave the model room to keep neighbours apart (docs/shapes-world.md#render-options).
     render_gap: int = 2
     render_cells: bool = False  # one object per quarter of the canvas in multi-object scenes
     # False keeps the text encoders as loaded (a continuation that changes only how the model

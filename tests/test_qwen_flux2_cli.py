@@ -1,6 +1,6 @@
 """Qwen-Image and FLUX.2 through the `flowgrpo` command line, on the tiny random pipelines of
-tests/test_new_backends.py: `preprocess` then `train` on a copy of the model folder whose text
-encoder is deleted (the cache serves every prompt), the training variants the issue lists
+tests/test_qwen_flux2.py: `preprocess` then `train` on a copy of the model folder whose text
+encoder is deleted (the cache serves every prompt), the training variants a user combines
 (full fine-tuning, CPS, a Fast window, KL, the awm / nft / reward_filtered / supervised
 objectives), `export` (LoRA fused or copied, a full fine-tune swapped in), `sample` and
 `eval generate`."""
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from flowgrpo.models import load_policy
 from flowgrpo.runlog import read_metrics
-from test_new_backends import (GUIDANCE, PAIR, PROMPTS, RECIPES, ROOT, SIZES, models, ode_images,  # noqa: F401
+from test_qwen_flux2 import (GUIDANCE, PAIR, PROMPTS, RECIPES, ROOT, SIZES, models, ode_images,  # noqa: F401
                                pipeline_class, pipeline_images, tiny_overrides, write_prompts)
 
 NAMES = ["qwen_image", "flux2"]
