@@ -2,6 +2,7 @@
 per process, on make demo's config (or any config).
 
     python scripts/bench_sharding.py [--iterations 4] [--config configs/demo.yaml] [k=v ...]
+    python scripts/bench_sharding.py --random-sd3     # full fine-tune + KL + EMA of a 40M-parameter SD3
 
 The first iteration is left out of the timing (start-up). Results: docs/performance.md."""
 
@@ -55,9 +56,22 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--random-sd3", action="store_true",
+                    help="the random SD3 of scripts/plan_check.py, fully fine-tuned: weights dominate memory")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {s: run(s, args.config, args.overrides, Path(tmp) / s, args.iterations) for s in ("ddp", "fsdp2")}
+        config, overrides = args.config, list(args.overrides)
+        if args.random_sd3:
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from flowgrpo.config import load_config, save_config
+            from flowgrpo.train_config import TrainConfig
+            from plan_check import RANDOM_SD3_FULL, build_random_sd3
+
+            model = build_random_sd3(Path(tmp))
+            config = str(Path(tmp) / "random.yaml")
+            save_config(load_config(TrainConfig, None, RANDOM_SD3_FULL + [f"model.path={model}",
+                                                                           "sample.prompts_per_step=2"]), config)
+        results = {s: run(s, config, overrides, Path(tmp) / s, args.iterations) for s in ("ddp", "fsdp2")}
     print(f"{'strategy':<10}{'sample s':>10}{'reward s':>10}{'update s':>10}{'iteration s':>13}"
           f"{'peak RSS rank 0 / 1 (GB)':>28}")
     for s, r in results.items():

@@ -100,9 +100,28 @@ def runs(tiny_shapes_model, tmp_path_factory) -> Path:
             cfg = make_cfg(tiny_shapes_model, root / f"{name}-{strategy}", extra + [f"parallel.strategy={strategy}"])
             save_config(cfg, root / f"{name}-{strategy}.yaml")
             configs.append(str(root / f"{name}-{strategy}.yaml"))
+    # make demo's own config on the shipped model, evaluation on, at a reduced size
+    demo = [str(ROOT / "configs" / "demo.yaml"), "optim.steps=1", "sample.prompts_per_step=2", "sample.group_size=4",
+            "run.eval_images_per_prompt=2", "run.threads=1", "run.tensorboard=false"]
+    train(validate(load_config(TrainConfig, demo[0], demo[1:] + [f"run.output_dir={root / 'demo-one'}"])))
+    for strategy in ("ddp", "fsdp2"):
+        cfg = validate(load_config(TrainConfig, demo[0], demo[1:] + [f"run.output_dir={root / f'demo-{strategy}'}",
+                                                                     f"parallel.strategy={strategy}"]))
+        save_config(cfg, root / f"demo-{strategy}.yaml")
+        configs.append(str(root / f"demo-{strategy}.yaml"))
     (root / "driver.py").write_text(DRIVER)
     launch([str(root / "driver.py"), *configs])
     return root
+
+
+def test_the_demo_config_on_two_processes_gives_one_process_table(runs):
+    """configs/demo.yaml (reduced), held-out evaluation on: DDP and FSDP2 print one process's table."""
+    one = summary(runs / "demo-one")
+    assert one["before"]["n_images"] == one["after"]["n_images"] > 0
+    for strategy in ("ddp", "fsdp2"):
+        run = summary(runs / f"demo-{strategy}")
+        assert run["before"] == one["before"] and run["after"] == one["after"], strategy
+        assert run["change"] == one["change"], strategy
 
 
 @pytest.mark.parametrize("name", [*CASES, "generic_eval"])

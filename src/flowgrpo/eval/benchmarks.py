@@ -96,8 +96,8 @@ def subdimension_map() -> dict[str, str]:
 
 
 # ---- data files -----------------------------------------------------------------------------
-# Where each named benchmark's file sits below a data directory (the layout of ../shared/data,
-# which mirrors the upstream repositories).
+# Where each named benchmark's file sits below a data directory (the layout `flowgrpo data fetch`
+# writes under data/, which mirrors the upstream repositories).
 NAMED_FILES = {
     "unigenbench": ("unigenbench/test_prompts_en.csv",
                     "the UniGenBench test CSV (github.com/CodeGoat24/UniGenBench, data/test_prompts_en.csv)"),
