@@ -6,20 +6,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch first, from the pinned CPU build: a bare "torch" requirement would pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# pip says only what went wrong (errors), not the notices of the machine's package index settings
+PIP_QUIET ?= --quiet --quiet
 
 .PHONY: demo test install install-dev clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install $(PIP_QUIET) --upgrade pip
+	$(BIN)/pip install $(PIP_QUIET) $(TORCH_SPEC)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install $(PIP_QUIET) -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[dev,ocr]"
+	$(BIN)/pip install $(PIP_QUIET) -e ".[dev,ocr]"
 	touch $@
 
 install: $(VENV)/.installed
