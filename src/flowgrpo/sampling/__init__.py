@@ -1,7 +1,10 @@
-"""SDE/ODE sampling for flow models: one pure step function and a rollout loop."""
+"""SDE/ODE sampling for flow models: pure step functions (SDE, Euler, DPM-Solver++(2M)) and a rollout loop."""
 
-from .rollout import JUDGED_IMAGES, Trajectory, initial_noise, randn_like_batch, rollout, sde_mask
+from .dpm import compressed_tail, dpm2_step
+from .rollout import (AFTER_WINDOW, JUDGED_IMAGES, SAMPLERS, Trajectory, Window, initial_noise, randn_like_batch,
+                      rollout, sde_mask)
 from .step import KINDS, StepOutput, gaussian_log_prob, sde_step, step_std
 
-__all__ = ["JUDGED_IMAGES", "KINDS", "StepOutput", "Trajectory", "gaussian_log_prob", "initial_noise",
-           "randn_like_batch", "rollout", "sde_mask", "sde_step", "step_std"]
+__all__ = ["AFTER_WINDOW", "JUDGED_IMAGES", "KINDS", "SAMPLERS", "StepOutput", "Trajectory", "Window",
+           "compressed_tail", "dpm2_step", "gaussian_log_prob", "initial_noise", "randn_like_batch", "rollout",
+           "sde_mask", "sde_step", "step_std"]
