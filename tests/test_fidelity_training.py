@@ -344,7 +344,7 @@ def test_training_option_validation():
            "optim.timestep_subset=per_sample": "timestep_mode random",  # the default mode is first
            "optim.timestep_subset=each": "timestep_subset",
            "optim.ratio_norm=true sample.kind=cps": "ratio_norm",
-           "optim.timestep_exclude_last=true optim.policy_loss=nft": "ratio",
+           "optim.timestep_exclude_last=true optim.policy_loss=nft sample.kind=dpm2": "ratio",
            "optim.timestep_exclude_last=true sample.window_size=1 sample.window_start_range=[0,9]": "last step"}
     for overrides, match in bad.items():
         with pytest.raises(ConfigError, match=match):

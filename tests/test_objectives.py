@@ -24,7 +24,8 @@ from test_trainer import make_cfg
 EXTRA = {
     "ratio": [],
     "awm": ["optim.policy_loss=awm", "sample.kind=ode", "optim.inner_epochs=2"],
-    "nft": ["optim.policy_loss=nft", "sample.kind=ode", "optim.nft_decay_type=1", "optim.nft_beta=0.5"],
+    "nft": ["optim.policy_loss=nft", "sample.kind=ode", "sample.guidance=1.0", "optim.nft_decay_type=1",
+            "optim.nft_beta=0.5"],
     "reward_filtered": ["optim.policy_loss=reward_filtered", "sample.kind=ode", "optim.rf_select=above_mean",
                         "optim.rf_weighted=true"],
     "supervised": ["optim.policy_loss=supervised", "sample.kind=ode", "optim.fm_timesteps=2"],
@@ -203,8 +204,8 @@ def test_config_checks_name_the_key():
 
     check(["optim.policy_loss=dpo"], "optim.policy_loss")
     check(["sample.kind=ode"], "sample.kind")  # the ratio loss needs stochastic steps
-    check(["optim.policy_loss=nft", "optim.nft_beta=0"], "optim.nft_beta")
-    check(["optim.policy_loss=nft", "optim.nft_adv_mode=sign"], "optim.nft_adv_mode")
+    check(["optim.policy_loss=nft", "sample.kind=dpm2", "optim.nft_beta=0"], "optim.nft_beta")
+    check(["optim.policy_loss=nft", "sample.kind=dpm2", "optim.nft_adv_mode=sign"], "optim.nft_adv_mode")
     check(["optim.nft_decay_type=3"], "optim.nft_decay_type")
     check(["optim.nft_decay=1.5"], "optim.nft_decay")
     check(["optim.nft_kl_weight=-1"], "optim.nft_kl_weight")

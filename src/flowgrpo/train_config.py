@@ -51,8 +51,9 @@ class SampleConfig:
     num_steps: int = 10  # training rollouts are short (SD3.5 recipe: 10)
     guidance: float = 4.5  # CFG scale; 1.0 = CFG-free (no unconditional branch: half the compute)
     noise_level: float = 0.7  # a in sigma_t = a sqrt(sigma / (1 - sigma)); 0.7 SD3.5, 0.9 FLUX
-    # flow_sde (Flow-GRPO) or cps (coefficients-preserving); ode (Euler, deterministic) only for
-    # objectives that do not use log-probs: awm, nft, reward_filtered, supervised
+    # flow_sde (Flow-GRPO) or cps (coefficients-preserving); ode (Euler) or dpm2 (DPM-Solver++(2M),
+    # DiffusionNFT's sampler), both deterministic, only for objectives that do not use log-probs:
+    # awm, nft, dgpo, reward_filtered, supervised
     kind: str = "flow_sde"
     # cps log-probs: "true" Gaussian density, or "reference" (-(x' - mean)^2 as the CPS reference code:
     # log-ratios 2 s_t^2 times the true ones, which changes when the clip binds); docs/fidelity.md
@@ -66,6 +67,14 @@ class SampleConfig:
     same_noise_per_group: bool = False  # one initial noise per group (Pref-GRPO FLUX recipe)
     window_size: int = 0  # >0: Flow-GRPO-Fast, SDE only on [s, s + window_size)
     window_start_range: list[int] = field(default_factory=lambda: [0, 2])  # s drawn from [lo, hi]
+    # random: s drawn each iteration (Flow-GRPO-Fast); progressive: MixGRPO's sliding window, s = lo,
+    # lo + window_stride, ... up to hi, window_every iterations each, then back to lo
+    window_schedule: str = "random"
+    window_every: int = 25  # progressive: iterations at each window position (MixGRPO 25, Flash 20)
+    window_stride: int = 1  # progressive: positions advanced each time (0 = a fixed window, MixGRPO-Flash*)
+    window_after: str = "ode"  # solver of the steps after the window: ode (Euler) or dpm2 (MixGRPO-Flash)
+    # share of the after-window steps kept, on the same shift curve (MixGRPO-Flash 0.4, Flash* 0.2; 1 = all)
+    window_compress: float = 1.0
 
 
 @dataclass
@@ -141,6 +150,27 @@ class OptimConfig:
     # ratio: Pref-GRPO's RatioNorm, log-ratio (logp - logp_old + mean (mu - mu_old)^2 / (2 std^2)) std
     # and each sample's clipped term divided by its step's sigma - sigma_next; flow_sde only; docs/fidelity.md
     ratio_norm: bool = False
+    # forward objectives (awm, nft, dgpo, reward_filtered, supervised): the CFG scale of the velocities
+    # the loss trains; None = sample.guidance. DGPO samples with CFG 4.5 and trains at 1.0
+    train_guidance: Optional[float] = None
+    # nft trains on clean samples from a deterministic sampler (DiffusionNFT: dpm2); true lets it
+    # train on stochastic rollouts (sample.kind flow_sde / cps) on purpose
+    nft_stochastic_rollouts: bool = False
+    # forward objectives, fm_timesteps rollout: only the first K sampler steps are candidates (DGPO
+    # trunc_steps + 1: 5 GenEval, 7 OCR / PickScore); None = all
+    fm_rollout_steps: Optional[int] = None
+    timestep_count: Optional[int] = None  # forward objectives: train this many candidates instead of a fraction
+    fm_group_noise: bool = False  # forward objectives: one noise per group at each draw (DGPO use_shared_noise)
+    # DGPO (arXiv 2510.08425): per group weight sigmoid(dgpo_beta / K sum_i A_i (l_i - l_ref,i)) on
+    # A_i l_i, l = mean (v - (eps - x0))^2; docs/objectives.md
+    dgpo_beta: float = 100.0  # beta_dpo: 100 GenEval / OCR, 10 PickScore
+    dgpo_clip: bool = True  # PPO-style: no gradient where exp(l_old - l) leaves 1 +- clip_range in A's direction
+    dgpo_ref: str = "base"  # the l_ref of the group weight: base (adapter off) or old (the lagging copy; EMA-ref mode)
+    dgpo_ref_guidance: Optional[float] = None  # CFG of the reference velocity (kl_cfg); None = the train guidance
+    # the old copy: theta_old <- d theta_old + (1 - d) theta after each optimizer step, d = min(rate step, max)
+    dgpo_old_decay_rate: float = 0.001
+    dgpo_old_decay_max: float = 0.3
+    dgpo_sample_old_after: Optional[int] = None  # rollouts by the old copy once this many optimizer steps are done
     inner_epochs: int = 1  # passes over each batch of rollouts
     train_batch_size: int = 32  # samples per forward/backward per process
     optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split into this many chunks)
@@ -199,19 +229,39 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .algorithms.objectives.reward_filtered import SELECT
     from .algorithms.objectives.targets import PROVIDERS
     from .config import ConfigError
-    from .sampling import JUDGED_IMAGES, KINDS
+    from .sampling import AFTER_WINDOW, JUDGED_IMAGES, SAMPLERS
 
     s, o, r = cfg.sample, cfg.optim, cfg.reward
     if cfg.parallel.strategy not in ("ddp", "fsdp2"):
         raise ConfigError(f"parallel.strategy must be 'ddp' or 'fsdp2', got {cfg.parallel.strategy!r}")
     if o.policy_loss not in OBJECTIVES:
         raise ConfigError(f"optim.policy_loss must be one of {', '.join(OBJECTIVES)}, got {o.policy_loss!r}")
-    if s.kind not in KINDS:
-        raise ConfigError(f"sample.kind must be one of {', '.join(KINDS)}, got {s.kind!r}")
-    if s.kind == "ode" and OBJECTIVES[o.policy_loss].needs_sde:
+    if s.kind not in SAMPLERS:
+        raise ConfigError(f"sample.kind must be one of {', '.join(SAMPLERS)}, got {s.kind!r}")
+    if s.kind in ("ode", "dpm2") and OBJECTIVES[o.policy_loss].needs_sde:
         stoch = [n for n, c in OBJECTIVES.items() if not c.needs_sde]
-        raise ConfigError(f"sample.kind 'ode' with optim.policy_loss {o.policy_loss}: it needs stochastic steps "
-                          f"(flow_sde or cps); 'ode' works with {', '.join(stoch)}")
+        raise ConfigError(f"sample.kind {s.kind!r} with optim.policy_loss {o.policy_loss}: it needs stochastic steps "
+                          f"(flow_sde or cps); {s.kind!r} works with {', '.join(stoch)}")
+    if s.kind == "dpm2" and s.window_size:
+        raise ConfigError("sample.window_size with sample.kind dpm2: a window marks stochastic steps; use "
+                          "sample.kind flow_sde (or cps) inside it and sample.window_after: dpm2 after it")
+    if o.policy_loss == "nft" and s.kind in ("flow_sde", "cps") and not o.nft_stochastic_rollouts:
+        raise ConfigError(f"optim.policy_loss nft with sample.kind {s.kind}: NFT trains on clean samples of a "
+                          "deterministic sampler (DiffusionNFT: dpm2, 10 steps); set sample.kind: dpm2 (or ode), or "
+                          "optim.nft_stochastic_rollouts: true to train on stochastic rollouts on purpose")
+    if o.train_guidance is not None and OBJECTIVES[o.policy_loss].needs_sde:
+        raise ConfigError(f"optim.train_guidance with optim.policy_loss {o.policy_loss}: the ratio scores the "
+                          "sampler's own steps, so it trains at sample.guidance; remove optim.train_guidance")
+    if s.window_schedule not in ("random", "progressive"):
+        raise ConfigError(f"sample.window_schedule must be 'random' or 'progressive', got {s.window_schedule!r}")
+    if s.window_every < 1 or s.window_stride < 0:
+        raise ConfigError(f"sample.window_every must be >= 1 and sample.window_stride >= 0, got {s.window_every}, "
+                          f"{s.window_stride}")
+    if s.window_after not in AFTER_WINDOW:
+        raise ConfigError(f"sample.window_after must be one of {', '.join(AFTER_WINDOW)}, got {s.window_after!r}")
+    if not 0.0 < s.window_compress <= 1.0 or (s.window_compress < 1.0 and not s.window_size):
+        raise ConfigError(f"sample.window_compress must be in (0, 1] and below 1 only with a window "
+                          f"(sample.window_size > 0), got {s.window_compress}")
     if s.group_size < 2:
         raise ConfigError("sample.group_size must be >= 2: advantages are relative to the group")
     if s.window_size and not (len(s.window_start_range) == 2 and
@@ -228,9 +278,35 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if o.timestep_subset == "per_sample" and o.timestep_mode != "random":
         raise ConfigError("optim.timestep_subset per_sample draws a random subset per image: it needs "
                           f"optim.timestep_mode random, got {o.timestep_mode!r}")
-    if (o.timestep_subset == "per_sample" or o.timestep_exclude_last) and o.policy_loss != "ratio":
-        raise ConfigError("optim.timestep_subset per_sample and optim.timestep_exclude_last apply to the ratio "
-                          f"objective's trained steps (as Pref-GRPO), not to optim.policy_loss {o.policy_loss}")
+    forward = o.policy_loss not in ("ratio", "awm")  # objectives that pick noise levels (ForwardObjective)
+    if o.timestep_subset == "per_sample" and not (o.policy_loss == "ratio" or forward and o.fm_timesteps == "rollout"):
+        raise ConfigError("optim.timestep_subset per_sample picks each image's trained steps: it applies to the ratio "
+                          "objective and to nft, dgpo, reward_filtered, supervised with optim.fm_timesteps rollout, "
+                          f"not to optim.policy_loss {o.policy_loss} with fm_timesteps {o.fm_timesteps}")
+    if o.timestep_exclude_last and o.policy_loss != "ratio":
+        raise ConfigError("optim.timestep_exclude_last applies to the ratio objective's trained steps (as Pref-GRPO), "
+                          f"not to optim.policy_loss {o.policy_loss}")
+    if (o.fm_rollout_steps is not None or o.timestep_count is not None or o.fm_group_noise) and not forward:
+        raise ConfigError("optim.fm_rollout_steps, optim.timestep_count and optim.fm_group_noise pick the noise of the "
+                          f"forward objectives (nft, dgpo, reward_filtered, supervised), not of {o.policy_loss}")
+    for key in ("fm_rollout_steps", "timestep_count"):
+        if getattr(o, key) is not None and getattr(o, key) < 1:
+            raise ConfigError(f"optim.{key} must be >= 1 (or null), got {getattr(o, key)}")
+    if o.fm_rollout_steps is not None and o.fm_rollout_steps > s.num_steps:
+        raise ConfigError(f"optim.fm_rollout_steps {o.fm_rollout_steps} exceeds sample.num_steps {s.num_steps}")
+    if o.timestep_subset == "per_sample" and forward and o.fm_sigma_range is not None:
+        raise ConfigError("optim.timestep_subset per_sample with optim.fm_sigma_range: the range would drop a "
+                          "different number of steps per image; use one or the other")
+    if o.fm_group_noise and o.fm_timesteps != "rollout":
+        raise ConfigError("optim.fm_group_noise shares each draw within a group at the sampler's own noise levels: "
+                          "it needs optim.fm_timesteps rollout")
+    if o.dgpo_beta <= 0 or o.dgpo_ref not in ("base", "old"):
+        raise ConfigError(f"optim.dgpo_beta must be > 0 and optim.dgpo_ref base or old, got {o.dgpo_beta}, "
+                          f"{o.dgpo_ref!r}")
+    if not (o.dgpo_old_decay_rate >= 0 and 0 <= o.dgpo_old_decay_max < 1):
+        raise ConfigError("optim.dgpo_old_decay_rate must be >= 0 and optim.dgpo_old_decay_max in [0, 1)")
+    if o.dgpo_sample_old_after is not None and o.dgpo_sample_old_after < 0:
+        raise ConfigError(f"optim.dgpo_sample_old_after must be >= 0 (or null), got {o.dgpo_sample_old_after}")
     if o.timestep_exclude_last and (s.num_steps < 2 or s.window_size == 1
                                     and s.window_start_range[-1] == s.num_steps - 1):
         raise ConfigError("optim.timestep_exclude_last leaves no step to train: the SDE window can be the last "

@@ -32,7 +32,7 @@ from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
 from .parallel import gathered, set_gradient_sync
 from .rewards import as_uint8_images, make_reward
-from .sampling import initial_noise, rollout
+from .sampling import Window, initial_noise, rollout, window_start
 from .train_config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,13 +130,14 @@ class Trainer:
         idx = torch.randint(len(self.train_items), (n,), generator=g)
         return [self.train_items[i] for i in idx.tolist()]
 
-    def draw_window(self, iteration: int) -> tuple[int, int] | None:
+    def draw_window(self, iteration: int) -> Window | None:
         s = self.cfg.sample
         if not s.window_size:
             return None
         lo, hi = s.window_start_range
-        start = int(torch.randint(lo, hi + 1, (1,), generator=derived_generator(self.cfg.run.seed, iteration, 2)))
-        return start, s.window_size
+        start = window_start(iteration, lo, hi, s.window_schedule, s.window_every, s.window_stride,
+                             derived_generator(self.cfg.run.seed, iteration, 2))
+        return Window(start, s.window_size, s.window_after, s.window_compress)
 
     def encode(self, prompts: list[str]) -> dict:
         for p in dict.fromkeys(prompts):
@@ -322,13 +323,20 @@ class Trainer:
     def _loss_at(self, batch: Batch, idx, weights, t, adv):
         return self.objective.loss(batch, idx, weights, t, adv)
 
-    def velocity(self, x: torch.Tensor, sigma, cond: dict, reference: bool = False) -> torch.Tensor:
-        """The velocity as the sampler uses it (CFG at sample.guidance); `reference`: the frozen model."""
+    def velocity(self, x: torch.Tensor, sigma, cond: dict, reference: bool = False,
+                 guidance: float | None = None) -> torch.Tensor:
+        """The velocity the loss trains: CFG at `guidance`, else optim.train_guidance, else
+        sample.guidance (the sampler's); `reference`: the frozen model."""
+        o = self.cfg.optim
+        g = guidance if guidance is not None else (o.train_guidance if o.train_guidance is not None
+                                                   else self.cfg.sample.guidance)
+        if g != 1.0 and self.negative is None:  # rollouts without CFG, a loss with it
+            self.negative = self.policy.encode_prompts([""])
         neg = None
         if self.negative is not None:  # the unconditional embedding broadcast to the batch
             neg = {k: v.expand(len(x), *v.shape[1:]) for k, v in self.negative.items()}
         with self.policy.reference() if reference else contextlib.nullcontext():
-            return self.policy.velocity(x, sigma, cond, neg, self.cfg.sample.guidance)
+            return self.policy.velocity(x, sigma, cond, neg, g)
 
     # ---- evaluation and saving -------------------------------------------------------------
     @contextlib.contextmanager

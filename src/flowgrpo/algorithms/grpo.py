@@ -94,16 +94,17 @@ def candidate_steps(sde_steps: torch.Tensor, exclude_last: bool = False) -> list
 
 
 def select_timesteps(sde_steps: torch.Tensor, mode: str, fraction: float, generator: torch.Generator | None = None,
-                     exclude_last: bool = False) -> list[int]:
+                     exclude_last: bool = False, count: int | None = None) -> list[int]:
     """Which stochastic transitions to train on (the same for every sample).
 
     "first": the first int(n * fraction) of them (0.99 of 10 -> 9: the last, nearly clean,
     step is skipped, as in Flow-GRPO). "random": a random int(n * fraction) of them, drawn
     from `generator` (Pref-GRPO trains a random 60%); seed it identically on every process.
-    n counts the candidates (candidate_steps), so `exclude_last` takes the fraction of the rest.
+    n counts the candidates (candidate_steps), so `exclude_last` takes the fraction of the rest;
+    `count` (at most the candidates) replaces int(n * fraction).
     """
     steps = candidate_steps(sde_steps, exclude_last)
-    n = max(1, int(len(steps) * fraction))
+    n = _subset_size(len(steps), fraction, count)
     if mode == "first":
         return steps[:n]
     if mode == "random":
@@ -112,12 +113,17 @@ def select_timesteps(sde_steps: torch.Tensor, mode: str, fraction: float, genera
     raise ValueError(f"timestep mode must be 'first' or 'random', got {mode!r}")
 
 
+def _subset_size(candidates: int, fraction: float, count: int | None) -> int:
+    return min(candidates, count) if count is not None else max(1, int(candidates * fraction))
+
+
 def select_timesteps_per_sample(sde_steps: torch.Tensor, fraction: float, generators: list[torch.Generator],
-                                exclude_last: bool = False) -> torch.Tensor:
-    """A fresh random subset for each sample (Pref-GRPO's per-sample permutation): row i holds
-    int(n * fraction) distinct candidate steps, sorted, drawn from generators[i]. (B, k) long."""
+                                exclude_last: bool = False, count: int | None = None) -> torch.Tensor:
+    """A fresh random subset for each sample (Pref-GRPO's per-sample permutation, DiffusionNFT's
+    random 9 of 10): row i holds int(n * fraction) (or `count`) distinct candidate steps, sorted,
+    drawn from generators[i]. (B, k) long."""
     steps = torch.tensor(candidate_steps(sde_steps, exclude_last))
-    n = max(1, int(len(steps) * fraction))
+    n = _subset_size(len(steps), fraction, count)
     rows = [steps[torch.randperm(len(steps), generator=g)[:n]].sort().values for g in generators]
     return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.long)
 

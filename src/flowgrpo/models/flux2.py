@@ -109,6 +109,7 @@ class Flux2Policy(DiffusersPolicy):
     default_max_sequence_length = FLUX2_SAMPLE_DEFAULTS["max_sequence_length"]
     published_defaults = FLUX2_SAMPLE_DEFAULTS
     text_encoder_attrs = ("text_encoder",)
+    guidance_embeds = True  # guidance is an input of the one forward pass, never a second branch
 
     def add_lora(self, spec) -> None:
         """The default targets plus each single-stream block's output layer, named in full."""

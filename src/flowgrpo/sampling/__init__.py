@@ -2,9 +2,9 @@
 
 from .dpm import compressed_tail, dpm2_step
 from .rollout import (AFTER_WINDOW, JUDGED_IMAGES, SAMPLERS, Trajectory, Window, initial_noise, randn_like_batch,
-                      rollout, sde_mask)
+                      rollout, sde_mask, window_start)
 from .step import KINDS, StepOutput, gaussian_log_prob, sde_step, step_std
 
 __all__ = ["AFTER_WINDOW", "JUDGED_IMAGES", "KINDS", "SAMPLERS", "StepOutput", "Trajectory", "Window",
            "compressed_tail", "dpm2_step", "gaussian_log_prob", "initial_noise", "randn_like_batch", "rollout",
-           "sde_mask", "sde_step", "step_std"]
+           "sde_mask", "sde_step", "step_std", "window_start"]

@@ -61,6 +61,20 @@ def sde_mask(num_steps: int, window: tuple[int, int] | Window | None) -> torch.T
     return mask
 
 
+def window_start(iteration: int, lo: int, hi: int, schedule: str = "random", every: int = 1, stride: int = 1,
+                 generator: torch.Generator | None = None) -> int:
+    """The first stochastic step of `iteration`'s window. random: uniform in [lo, hi] from
+    `generator` (Flow-GRPO-Fast); progressive: MixGRPO's sliding window, lo, lo + stride, ... while
+    <= hi, `every` iterations at each position, then back to lo (stride 0: always lo). A function
+    of the iteration alone, so a resumed run continues the schedule."""
+    if schedule == "random":
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+    if schedule != "progressive":
+        raise ValueError(f"window schedule must be 'random' or 'progressive', got {schedule!r}")
+    positions = (hi - lo) // stride + 1 if stride > 0 else 1
+    return lo + stride * ((iteration // every) % positions)
+
+
 def randn_like_batch(shape: tuple[int, ...], batch: int, generator) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from one generator, or one generator per image
     (then each image's noise is independent of the batch it is sampled in)."""

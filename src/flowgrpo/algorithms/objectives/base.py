@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 
 from ...models import index_condition
-from ..grpo import LossStats, select_timesteps, swapped_in  # noqa: F401 (swapped_in: used by nft)
+from ..grpo import LossStats, select_timesteps, select_timesteps_per_sample, swapped_in  # noqa: F401 (nft)
 
 # tags of derived_generator draws (the trainer uses 1-5 for prompts, windows, noise, timesteps)
-TAG_AWM, TAG_FLOW, TAG_TARGETS = 6, 7, 8
+TAG_AWM, TAG_FLOW, TAG_TARGETS, TAG_GROUP_FLOW = 6, 7, 8, 9
 
 
 def derived_generator(*keys: int) -> torch.Generator:
@@ -122,9 +122,11 @@ def draw_noise(global_index: torch.Tensor, shape, seed: int, iteration: int, tag
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (noise level, noise) for draw k: when `sigma` is None, logit-normal (SD3
     pretraining's choice) or, with `sigma_range`, uniform in [lo, hi]; else that level for every
-    image. Drawn from the image's global index."""
+    image, or with a (B,) tensor each image's own. Drawn from each entry of `global_index` (a
+    group id instead gives every member of the group the same draw)."""
     sig, eps = [], []
-    for gi in global_index.tolist():
+    per_image = isinstance(sigma, torch.Tensor) and sigma.ndim == 1
+    for j, gi in enumerate(global_index.tolist()):
         g = derived_generator(seed, iteration, tag, gi, k)
         if sigma is None and sigma_range is not None:
             lo, hi = sigma_range
@@ -132,7 +134,7 @@ def draw_noise(global_index: torch.Tensor, shape, seed: int, iteration: int, tag
         elif sigma is None:
             sig.append(torch.sigmoid(torch.randn((), generator=g)))
         else:
-            sig.append(torch.as_tensor(sigma, dtype=torch.float32))
+            sig.append(torch.as_tensor(sigma[j] if per_image else sigma, dtype=torch.float32))
         eps.append(torch.randn(tuple(shape), generator=g))
     return torch.stack(sig), torch.stack(eps)
 
@@ -160,11 +162,18 @@ class ForwardObjective(Objective):
         return batch.latents[:, -1]
 
     def train_sigmas(self, batch, iteration: int) -> list:
+        """The noise level of each draw: None (drawn per image), one level for every image, or
+        with optim.timestep_subset per_sample a (local images,) tensor of each image's own."""
         o = self.cfg.optim
         if o.fm_timesteps == "rollout":
-            all_steps = torch.ones(len(batch.sigmas) - 1, dtype=torch.bool)
-            steps = select_timesteps(all_steps, o.timestep_mode, o.timestep_fraction,
-                                     derived_generator(self.seed, iteration, 5))
+            n = len(batch.sigmas) - 1
+            candidates = torch.ones(min(o.fm_rollout_steps or n, n), dtype=torch.bool)
+            if o.timestep_subset == "per_sample":  # each image its own subset, from its global index
+                gens = [derived_generator(self.seed, iteration, 5, gi) for gi in batch.global_index.tolist()]
+                table = select_timesteps_per_sample(candidates, o.timestep_fraction, gens, count=o.timestep_count)
+                return [batch.sigmas[table[:, k]] for k in range(table.shape[1])]
+            steps = select_timesteps(candidates, o.timestep_mode, o.timestep_fraction,
+                                     derived_generator(self.seed, iteration, 5), count=o.timestep_count)
             sigmas = [batch.sigmas[s] for s in steps]
             if o.fm_sigma_range is not None:
                 lo, hi = o.fm_sigma_range
@@ -175,9 +184,11 @@ class ForwardObjective(Objective):
     def prepare(self, batch, iteration: int) -> list[int]:
         self.x0 = self.clean_samples(batch, iteration)
         shape = self.x0.shape[1:]
-        rng = self.cfg.optim.fm_sigma_range
-        self.draws = [draw_noise(batch.global_index, shape, self.seed, iteration, TAG_FLOW, k, s,
-                                 tuple(rng) if rng is not None else None)
+        o = self.cfg.optim
+        rng = tuple(o.fm_sigma_range) if o.fm_sigma_range is not None else None
+        # shared noise: every member of a group draws from its group id (the same eps at each draw)
+        keys, tag = (batch.group_ids, TAG_GROUP_FLOW) if o.fm_group_noise else (batch.global_index, TAG_FLOW)
+        self.draws = [draw_noise(keys, shape, self.seed, iteration, tag, k, s, rng)
                       for k, s in enumerate(self.train_sigmas(batch, iteration))]
         return list(range(len(self.draws)))
 

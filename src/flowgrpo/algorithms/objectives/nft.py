@@ -78,11 +78,28 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.
     return scale * (r * pos / beta + (1 - r) * neg / beta)
 
 
+def check_cfg_free(cfg, policy) -> None:
+    """NFT regresses the model's own velocity: with classifier-free guidance in the loss it would
+    train the guided combination of two branches, which the method does not define (the official
+    code trains at guidance 1). Refused unless optim.train_guidance asks for it; embedded
+    guidance (FLUX.1-dev, FLUX.2) is one branch and is allowed."""
+    from ...config import ConfigError
+
+    s, o = cfg.sample, cfg.optim
+    if o.train_guidance is None and s.guidance != 1.0 and not getattr(policy, "guidance_embeds", False):
+        raise ConfigError(
+            f"optim.policy_loss nft with sample.guidance {s.guidance}: NFT would train classifier-free-guided "
+            "velocities (DiffusionNFT trains and samples at guidance 1.0); set sample.guidance: 1.0, or "
+            "optim.train_guidance: 1.0 to sample with CFG and train without, or optim.train_guidance: "
+            f"{s.guidance} to train guided velocities on purpose")
+
+
 class NFTObjective(ForwardObjective):
     name = "nft"
 
     def __init__(self, cfg, policy, services):
         super().__init__(cfg, policy, services)
+        check_cfg_free(cfg, policy)
         self.old = [p.detach().clone().float() for p in services.params]  # theta_old (samples the rollouts)
         self.updates = 0  # optimizer steps so far: the decay schedules' clock
         self.info: dict[str, float] = {}
