@@ -184,3 +184,34 @@ def test_flow_grpo_sd35_recipes_hold_the_official_values(name, kl):
     assert (o.ema_decay, o.ema_every, o.ema_warmup) == (0.9, 4, True)
     assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.init) == (32, 64, "gaussian")
     assert cfg.model.max_sequence_length == 128
+
+
+@pytest.mark.parametrize("name,steps,beta,decay,opt_steps", [
+    ("sd35m_nft_geneval.yaml", 10, 1.0, 1, 1), ("sd35m_nft_ocr.yaml", 10, 0.1, 2, 2),
+    ("sd35m_nft_pickscore.yaml", 10, 1.0, 1, 1), ("sd35m_nft_multireward.yaml", 25, 0.1, 1, 1)])
+def test_diffusion_nft_recipes_hold_the_official_values(name, steps, beta, decay, opt_steps):
+    """NVlabs/DiffusionNFT config/nft.py (_get_config, sd3_geneval / sd3_ocr / sd3_pickscore /
+    sd3_multi_reward) and config/base.py, trained by scripts/train_nft_sd3.py on 8 GPUs."""
+    cfg = recipe(name)
+    s, o, m = cfg.sample, cfg.optim, cfg.model
+    assert (s.kind, s.guidance, s.num_steps, s.resolution) == ("dpm2", 1.0, steps, 512)  # solver dpm2, CFG-free
+    assert (s.group_size, s.prompts_per_step, o.optimizer_steps) == (24, 48, opt_steps)
+    assert (o.policy_loss, o.nft_beta, o.nft_decay_type, o.nft_adv_mode, o.nft_kl_weight) == ("nft", beta, decay,
+                                                                                            "all", 1e-4)
+    assert o.nft_decay_flat is None and o.nft_decay_rate is None and o.nft_decay_max is None  # the type's constants
+    assert (o.adv_std, o.adv_std_ddof, o.adv_eps, o.adv_clip) == ("global", 0, 1e-4, 5.0)
+    assert o.drop_zero_signal is False  # flat groups trained at r = 0.5
+    # a random int(N * 0.99) of the N sampler steps, drawn per image (torch.randperm per sample)
+    assert (o.fm_timesteps, o.timestep_mode, o.timestep_subset, o.timestep_fraction) == ("rollout", "random",
+                                                                                       "per_sample", 0.99)
+    assert o.fm_sigma_range is None and o.timestep_count is None and o.fm_rollout_steps is None
+    assert (o.lr, list(o.betas), o.weight_decay, o.max_grad_norm) == (3e-4, [0.9, 0.999], 1e-4, 1.0)
+    assert o.train_guidance is None and not o.nft_stochastic_rollouts
+    assert (o.ema_decay, o.ema_every, o.ema_warmup) == (0.9, 1, True)
+    assert (m.lora.rank, m.lora.alpha, m.lora.init, m.max_sequence_length) == (32, 64, "gaussian", 128)
+    assert (cfg.run.eval_steps, cfg.run.eval_guidance, cfg.run.save_every) == (40, 1.0, 30)
+    weights = {"sd35m_nft_geneval.yaml": {"geneval": 1.0}, "sd35m_nft_ocr.yaml": {"ocr": 1.0},
+               "sd35m_nft_pickscore.yaml": {"pickscore": 1.0},
+               # the official sums pickscore + hpsv2 + clipscore (its clipscore the plain cosine: 0.3 x 100 cos / 30)
+               "sd35m_nft_multireward.yaml": {"pickscore": 1.0, "hpsv2": 1.0, "clipscore": 0.3}}[name]
+    assert cfg.reward.weights == weights and cfg.reward.mix == "reward"
