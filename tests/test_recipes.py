@@ -54,6 +54,7 @@ def constructor_chains() -> dict[str, list]:
         "pickscore": [_REGISTRY["pickscore"], clip.ClipTextImageReward.__init__],
         "adversarial": [adversarial.AdversarialReward.__init__],
         "ocr": [_REGISTRY["ocr"], ocr.OcrReward.__init__],
+        "hpsv2": [_REGISTRY["hpsv2"], clip.HpsV2Reward.__init__],
         "geneval": [_REGISTRY["geneval"], geneval.GenevalReward.__init__, remote.RemoteReward.__init__],
     }
 
@@ -215,3 +216,51 @@ def test_diffusion_nft_recipes_hold_the_official_values(name, steps, beta, decay
                # the official sums pickscore + hpsv2 + clipscore (its clipscore the plain cosine: 0.3 x 100 cos / 30)
                "sd35m_nft_multireward.yaml": {"pickscore": 1.0, "hpsv2": 1.0, "clipscore": 0.3}}[name]
     assert cfg.reward.weights == weights and cfg.reward.mix == "reward"
+
+
+@pytest.mark.parametrize("name,group,pool,kl,clip,beta,switch,adv_std", [
+    ("sd35m_dgpo_geneval.yaml", 16, 5, 0.02, 1e-2, 100.0, 500, "group"),
+    ("sd35m_dgpo_ocr.yaml", 16, 7, 0.02, 1e-2, 100.0, 200, "global"),
+    ("sd35m_dgpo_pickscore.yaml", 24, 7, 0.001, 5e-2, 10.0, 200, "global")])
+def test_dgpo_recipes_hold_the_official_values(name, group, pool, kl, clip, beta, switch, adv_std):
+    """Luo-Yihong/DGPO config/dgpo.py (geneval_sd3_4gpu, general_ocr_sd3_4gpu, pickscore_sd3_4gpu on
+    compressibility()) and config/base.py, trained by scripts/train_sd3_dgpo.py on 4 GPUs."""
+    cfg = recipe(name)
+    s, o, m = cfg.sample, cfg.optim, cfg.model
+    assert (s.kind, s.guidance, s.num_steps, s.resolution) == ("dpm2", 4.5, 10, 512)
+    assert (s.group_size, s.prompts_per_step, o.optimizer_steps) == (group, 8, 1)
+    assert (o.policy_loss, o.train_guidance, o.dgpo_ref_guidance, o.dgpo_ref) == ("dgpo", 1.0, 1.0, "base")
+    assert (o.dgpo_beta, o.dgpo_clip, o.clip_range, o.kl_beta) == (beta, True, clip, kl)
+    assert (o.dgpo_old_decay_rate, o.dgpo_old_decay_max, o.dgpo_sample_old_after) == (0.001, 0.3, switch)
+    # num_train_timesteps 4 drawn from steps 0..trunc_steps, shared by all images; use_shared_noise
+    assert (o.fm_timesteps, o.fm_rollout_steps, o.timestep_count, o.timestep_mode, o.timestep_subset) == (
+        "rollout", pool, 4, "random", "shared")
+    assert o.fm_group_noise and o.fm_sigma_range is None
+    assert (o.adv_std, o.adv_std_ddof, o.adv_eps, o.adv_clip, o.drop_zero_signal) == (adv_std, 0, 1e-4, 5.0, False)
+    assert (o.lr, list(o.betas), o.weight_decay, o.max_grad_norm) == (3e-4, [0.9, 0.999], 1e-4, 1.0)
+    assert (o.ema_decay, o.ema_every, o.ema_warmup) == (0.9, 8, True)
+    assert (m.lora.rank, m.lora.alpha, m.lora.init, m.max_sequence_length) == (64, 128, "gaussian", 128)
+    assert (cfg.run.eval_steps, cfg.run.eval_guidance, cfg.run.save_every) == (14, 4.5, 60)
+
+
+@pytest.mark.parametrize("name,every,stride,after,compress", [
+    ("flux_dev_mixgrpo.yaml", 25, 1, "ode", 1.0), ("flux_dev_mixgrpo_flash.yaml", 20, 1, "dpm2", 0.4),
+    ("flux_dev_mixgrpo_flash_star.yaml", 20, 0, "dpm2", 0.2)])
+def test_mixgrpo_recipes_hold_the_official_values(name, every, stride, after, compress):
+    """Tencent-Hunyuan/MixGRPO scripts/finetune/finetune_flux_grpo_MixGRPO{,_Flash,_Flash*}.sh with
+    fastvideo/train_grpo_flux.py and fastvideo/utils/grpo_states.py (32 GPUs)."""
+    cfg = recipe(name)
+    s, o, m = cfg.sample, cfg.optim, cfg.model
+    assert (s.kind, s.noise_level, s.num_steps, s.guidance, s.resolution, m.shift) == ("flow_sde", 0.7, 25, 3.5,
+                                                                                        720, 3.0)
+    assert (s.group_size, s.prompts_per_step, o.optimizer_steps, o.steps) == (12, 32, 4, 300)
+    assert s.same_noise_per_group and s.judged_image == "final"
+    # a window of 4 SDE steps from step 0, the last trained step at most 22 (max_timesteps 23)
+    assert (s.window_size, list(s.window_start_range), s.window_schedule) == (4, [0, 19], "progressive")
+    assert (s.window_every, s.window_stride, s.window_after, s.window_compress) == (every, stride, after, compress)
+    assert o.timestep_fraction == 1.0 and o.policy_loss == "ratio"
+    assert (o.lr, o.weight_decay, o.max_grad_norm, o.clip_range, o.kl_beta) == (1e-5, 1e-4, 1.0, 1e-4, 0.0)
+    assert (o.adv_std, o.adv_std_ddof, o.adv_eps, o.adv_clip, o.adv_clip_after_mix) == ("group", 1, 1e-8, 5.0, True)
+    assert not o.drop_zero_signal and o.ema_decay == 0.0 and not m.lora.enabled
+    assert cfg.reward.mix == "advantage" and cfg.reward.weights == {"hpsv2": 1.0, "imagereward": 1.0,
+                                                                    "pickscore": 1.0}

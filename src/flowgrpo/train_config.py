@@ -98,9 +98,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas of the reference
     weight_decay: float = 1e-4  # the reference value; small, LoRA weights start at 0 anyway
     max_grad_norm: float = 1.0  # clip the gradient norm: a few huge advantages must not blow up a step
-    clip_range: float = 1e-4  # epsilon of the clipped ratio (1e-5 for Fast)
-    # KL to the reference (0.04 GenEval/OCR, 0.01 PickScore, 0 FLUX/Fast); awm, reward_filtered and
-    # supervised weigh mean (v - v_ref)^2 with it (nft has nft_kl_weight)
+    clip_range: float = 1e-4  # epsilon of the clipped ratio (1e-5 for Fast; dgpo: of exp(l_old - l))
+    # KL to the reference (0.04 GenEval/OCR, 0.01 PickScore, 0 FLUX/Fast); awm, dgpo, reward_filtered
+    # and supervised weigh mean (v - v_ref)^2 with it (nft has nft_kl_weight)
     kl_beta: float = 0.0
     adv_std: str = "group"  # group | global (the SD3 recipes normalise by the batch std)
     adv_eps: float = 1e-4  # added to the std so near-flat groups do not explode
@@ -114,8 +114,8 @@ class OptimConfig:
     # The training objective (docs/objectives.md). ratio: Flow-GRPO, the clipped ratio of the SDE
     # steps' Gaussian log-probs. awm: Advantage Weighted Matching (arXiv 2509.25050), the same
     # clipped loss with the flow-matching loss of the final sample as log-prob surrogate: it
-    # credits the whole image, not one step's noise. nft: DiffusionNFT (arXiv 2509.16117).
-    # reward_filtered: flow matching on each group's best rollouts (RAFT-style). supervised:
+    # credits the whole image, not one step's noise. nft: DiffusionNFT (arXiv 2509.16117). dgpo:
+    # DGPO (arXiv 2510.08425), a group-level DPO on the denoising loss. reward_filtered: flow matching on each group's best rollouts (RAFT-style). supervised:
     # flow matching on renderer targets, a calibration tool
     policy_loss: str = "ratio"
     awm_timesteps: int = 2  # awm: noise levels (logit-normal, as pretraining) drawn per sample and update

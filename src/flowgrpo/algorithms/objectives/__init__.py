@@ -4,6 +4,7 @@
     ratio            Flow-GRPO's clipped SDE-ratio loss (+ KL)          ratio.py
     awm              Advantage Weighted Matching                         awm.py
     nft              DiffusionNFT (old policy, bounded implicit loss)    nft.py
+    dgpo             DGPO (group-level DPO on the denoising loss)       dgpo.py
     reward_filtered  flow matching on the best rollouts (RAFT-style)    reward_filtered.py
     supervised       flow matching on renderer targets (calibration)     supervised.py
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 from .awm import AWMObjective
+from .dgpo import DGPOObjective
 from .base import ForwardObjective, Objective, Services, derived_generator, swapped_in
 from .nft import NFTObjective
 from .ratio import RatioObjective
@@ -21,6 +23,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "ratio": RatioObjective,
     "awm": AWMObjective,
     "nft": NFTObjective,
+    "dgpo": DGPOObjective,
     "reward_filtered": RewardFilteredObjective,
     "supervised": SupervisedObjective,
 }
