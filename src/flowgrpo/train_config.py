@@ -168,8 +168,8 @@ class OptimConfig:
     dgpo_ref: str = "base"  # the l_ref of the group weight: base (adapter off) or old (the lagging copy; EMA-ref mode)
     dgpo_ref_guidance: Optional[float] = None  # CFG of the reference velocity (kl_cfg); None = the train guidance
     # the old copy: theta_old <- d theta_old + (1 - d) theta after each optimizer step, d = min(rate step, max)
-    dgpo_old_decay_rate: float = 0.001
-    dgpo_old_decay_max: float = 0.3
+    dgpo_old_decay_rate: float = 0.001  # the official min(0.001 step, 0.3)
+    dgpo_old_decay_max: float = 0.3  # cap of d (official 0.3)
     dgpo_sample_old_after: Optional[int] = None  # rollouts by the old copy once this many optimizer steps are done
     inner_epochs: int = 1  # passes over each batch of rollouts
     train_batch_size: int = 32  # samples per forward/backward per process
