@@ -73,7 +73,7 @@ def _sample(args) -> int:
     expanded = [p for p in prompts for _ in range(args.n)]
     seeds = [args.seed * 1_000_003 + i for i in range(len(expanded))]
     images = sample_images(policy, expanded, seeds, steps=steps, guidance=guidance, resolution=size,
-                           batch_size=args.batch_size, progress=True)
+                           batch_size=args.batch_size, progress=True, kind=args.solver)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
@@ -122,6 +122,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None,
                    help="ODE steps (default: FLUX 50, else 20; SD3.5 is evaluated with 40)")
+    p.add_argument("--solver", choices=["ode", "dpm2"], default="ode",
+                   help="deterministic sampler: ode (Euler) or dpm2 (DPM-Solver++(2M), DiffusionNFT's)")
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale (SD3) or embedded guidance (FLUX.1-dev: 3.5); default: the model's")
     p.add_argument("--size", type=int, default=None, help="height = width in pixels (default: the model's)")

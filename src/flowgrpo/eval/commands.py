@@ -26,7 +26,8 @@ def _shapes(args) -> int:
     size = args.size or defaults.get("resolution") or policy.default_resolution()
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 4.5)
     table, _, _ = evaluate_policy(policy, records, images_per_prompt=args.n, steps=args.steps, guidance=guidance,
-                                  resolution=size, seed=args.seed, batch_size=args.batch_size, progress=True)
+                                  resolution=size, seed=args.seed, batch_size=args.batch_size, progress=True,
+                                  solver=args.solver)
     print(format_table({"strict": table}))
     if args.out:
         write_json(table, args.out)
@@ -45,6 +46,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tags", nargs="*", default=None, help="keep only prompts with these GenEval tags")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--solver", choices=["ode", "dpm2"], default="ode",
+                   help="deterministic sampler: ode (Euler) or dpm2 (DPM-Solver++(2M), DiffusionNFT's)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -54,8 +54,10 @@ def is_shapes(items: list[dict]) -> bool:
 
 def evaluate_held_out(policy, items: list[dict], *, images_per_prompt: int, steps: int, guidance: float,
                       resolution: int, seed: int, batch_size: int, rewards: dict | None = None,
-                      accelerator=None, keep_images: bool = False, progress: bool = False) -> HeldOutResult:
-    """Draw `images_per_prompt` ODE images of every item ({"prompt", "metadata"}) and judge them.
+                      accelerator=None, keep_images: bool = False, progress: bool = False,
+                      solver: str = "ode") -> HeldOutResult:
+    """Draw `images_per_prompt` ODE images (`solver`: ode or dpm2) of every item ({"prompt", "metadata"})
+    and judge them.
     `rewards`: {name: (reward, weight)} for prompts the verifier cannot judge. With `accelerator`
     the work is split over its processes; every process gets the whole table."""
     from .shapes import image_seeds, sample_images
@@ -78,7 +80,8 @@ def evaluate_held_out(policy, items: list[dict], *, images_per_prompt: int, step
         prompts = [items[i]["prompt"] for i in unit for _ in range(per)]
         unit_seeds = [seeds[i * per + j] for i in unit for j in range(per)]
         images = sample_images(policy, prompts, unit_seeds, steps=steps, guidance=guidance,
-                               resolution=resolution, batch_size=batch_size, progress=progress and world == 1)
+                               resolution=resolution, batch_size=batch_size, progress=progress and world == 1,
+                               kind=solver)
         if spare:
             continue
         judged.append((unit[0], _judge(images, [items[i] for i in unit], per, shapes, rewards, first=unit[0])))

@@ -28,7 +28,7 @@ def image_seeds(n_prompts: int, per_prompt: int, seed: int) -> list[int]:
 def sample_images(policy, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
                   resolution: int, batch_size: int = 64, kind: str = "ode", noise_level: float = 0.0,
                   progress: bool = False) -> np.ndarray:
-    """uint8 images, one per (prompt, seed), ODE by default."""
+    """uint8 images, one per (prompt, seed), with the Euler ODE by default (`kind` dpm2: DPM-Solver++(2M))."""
     shape = policy.latent_shape(resolution, resolution)
     negative = policy.encode_prompts([""]) if guidance != 1.0 else None
     cache: dict[str, dict] = {}
@@ -134,16 +134,17 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def evaluate_policy(policy, records: list[dict], *, images_per_prompt: int, steps: int, guidance: float,
-                    resolution: int, seed: int = 0, batch_size: int = 64, progress: bool = False):
+                    resolution: int, seed: int = 0, batch_size: int = 64, progress: bool = False,
+                    solver: str = "ode"):
     """(table, images, expanded records) for the shapes verifier, on this process alone (the
     trainer's held-out evaluation, eval/held_out.py, splits the same work over processes and
-    gives the same table)."""
+    gives the same table). `solver`: ode (Euler) or dpm2 (DPM-Solver++(2M))."""
     from .held_out import evaluate_held_out
 
     result = evaluate_held_out(policy, [{"prompt": r["prompt"], "metadata": r} for r in records],
                                images_per_prompt=images_per_prompt, steps=steps, guidance=guidance,
                                resolution=resolution, seed=seed, batch_size=batch_size, keep_images=True,
-                               progress=progress)
+                               progress=progress, solver=solver)
     expanded = [r for r in records for _ in range(images_per_prompt)]
     return result.table, result.images, expanded
 
