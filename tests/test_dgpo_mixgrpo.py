@@ -145,3 +145,5 @@ def test_window_config_checks():
     bad(["sample.window_after=heun"], "window_after")
     bad(["sample.window_compress=0.5"], "window_compress")  # no window
     bad(["optim.policy_loss=nft", "sample.kind=dpm2", "sample.window_size=2"], "window_size")
+    # a deterministic sampler from one noise per group draws one image K times
+    bad(["optim.policy_loss=nft", "sample.kind=dpm2", "sample.same_noise_per_group=true"], "same_noise_per_group")

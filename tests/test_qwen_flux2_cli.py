@@ -72,7 +72,9 @@ VARIANTS = {
     "fast_window": (["sample.window_size=2", "sample.window_start_range=[0, 2]"], 2),
     "kl": (["optim.kl_beta=0.1"], 2),
     "awm": (["optim.policy_loss=awm", "optim.kl_beta=0", *NO_RATIO_OPTIONS], 1),
-    "nft": (["optim.policy_loss=nft", "sample.kind=dpm2", "optim.kl_beta=0", *NO_RATIO_OPTIONS], 2),
+    # deterministic rollouts: each image its own initial noise (the FLUX.2 recipe shares one per group)
+    "nft": (["optim.policy_loss=nft", "sample.kind=dpm2", "sample.same_noise_per_group=false",
+             "optim.train_guidance=1.0", "optim.kl_beta=0", *NO_RATIO_OPTIONS], 2),
     "reward_filtered": (["optim.policy_loss=reward_filtered", "optim.kl_beta=0", *NO_RATIO_OPTIONS], 1),
 }
 

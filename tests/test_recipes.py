@@ -152,7 +152,8 @@ def test_flux2_pref_grpo_recipe_holds_the_flux1_official_values():
     assert reward_args(cfg) == reward_args(flux1)
     # CPS and the other objectives run it with the three ratio options off
     for extra in (["sample.kind=cps", "optim.ratio_norm=false"],
-                  ["optim.policy_loss=nft", "sample.kind=dpm2", "optim.ratio_norm=false", "optim.timestep_subset=shared",
+                  ["optim.policy_loss=nft", "sample.kind=dpm2", "sample.same_noise_per_group=false",
+                   "optim.ratio_norm=false", "optim.timestep_subset=shared",
                    "optim.timestep_exclude_last=false"]):
         validate(load_config(TrainConfig, ROOT / "configs" / "recipes" / "flux2_prefgrpo.yaml", extra))
 

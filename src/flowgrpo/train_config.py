@@ -242,6 +242,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         stoch = [n for n, c in OBJECTIVES.items() if not c.needs_sde]
         raise ConfigError(f"sample.kind {s.kind!r} with optim.policy_loss {o.policy_loss}: it needs stochastic steps "
                           f"(flow_sde or cps); {s.kind!r} works with {', '.join(stoch)}")
+    if s.kind in ("ode", "dpm2") and s.same_noise_per_group:
+        raise ConfigError(f"sample.same_noise_per_group with sample.kind {s.kind}: a deterministic sampler from one "
+                          "initial noise draws the same image for the whole group (no reward signal); set "
+                          "sample.same_noise_per_group: false or sample a stochastic kind")
     if s.kind == "dpm2" and s.window_size:
         raise ConfigError("sample.window_size with sample.kind dpm2: a window marks stochastic steps; use "
                           "sample.kind flow_sde (or cps) inside it and sample.window_after: dpm2 after it")
