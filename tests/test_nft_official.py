@@ -24,7 +24,7 @@ OFFICIAL = ["optim.policy_loss=nft", "sample.kind=dpm2", "sample.guidance=1.0", 
             "optim.timestep_fraction=0.99", "optim.nft_kl_weight=1e-4", "optim.kl_beta=0"]
 
 
-def test_global_std_gives_the_advantage_the_issue_computes():
+def test_global_std_gives_a_lone_success_a_moderate_optimality_probability():
     """One success in 24 binary rewards next to a group with 12: the group's own std maps the
     success to r = 0.98, the batch std (the official) to r = 0.72."""
     rewards = torch.tensor([1.0] + [0.0] * 23 + [1.0] * 12 + [0.0] * 12, dtype=torch.float64)

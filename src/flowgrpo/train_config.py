@@ -187,6 +187,7 @@ class RunConfig:
     eval_before: bool = True  # evaluate the base model first (the "before" column)
     eval_images_per_prompt: int = 8  # 52 shapes test prompts x 8 = 416 images per evaluation
     eval_steps: int = 20  # ODE steps at evaluation (SD3.5: 40)
+    eval_solver: str = "ode"  # deterministic sampler at evaluation: ode (Euler) or dpm2 (DGPO evaluates with it)
     eval_guidance: Optional[float] = None  # None: same as sample.guidance
     eval_batch_size: int = 64  # images per forward pass at evaluation
     save_every: int = 0  # iterations between checkpoints (0 = only at the end)
@@ -256,6 +257,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if o.train_guidance is not None and OBJECTIVES[o.policy_loss].needs_sde:
         raise ConfigError(f"optim.train_guidance with optim.policy_loss {o.policy_loss}: the ratio scores the "
                           "sampler's own steps, so it trains at sample.guidance; remove optim.train_guidance")
+    if cfg.run.eval_solver not in AFTER_WINDOW:
+        raise ConfigError(f"run.eval_solver must be one of {', '.join(AFTER_WINDOW)}, got {cfg.run.eval_solver!r}")
     if s.window_schedule not in ("random", "progressive"):
         raise ConfigError(f"sample.window_schedule must be 'random' or 'progressive', got {s.window_schedule!r}")
     if s.window_every < 1 or s.window_stride < 0:

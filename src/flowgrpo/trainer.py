@@ -440,7 +440,7 @@ def evaluate(trainer: Trainer, tag: str) -> dict:
             trainer.policy, trainer.test_items, images_per_prompt=cfg.run.eval_images_per_prompt,
             steps=cfg.run.eval_steps, guidance=cfg.run.eval_guidance or cfg.sample.guidance,
             resolution=trainer.resolution, seed=cfg.run.seed + 777, batch_size=cfg.run.eval_batch_size,
-            rewards=trainer.held_out_rewards, accelerator=acc)
+            rewards=trainer.held_out_rewards, accelerator=acc, solver=cfg.run.eval_solver)
     if acc.is_main_process:
         out = Path(cfg.run.output_dir) / "grids"
         out.mkdir(parents=True, exist_ok=True)
