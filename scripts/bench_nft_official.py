@@ -18,7 +18,7 @@ flowgrpo; without --official only flowgrpo is timed.
     git clone https://github.com/NVlabs/DiffusionNFT /tmp/DiffusionNFT   # any checkout
     python scripts/bench_nft_official.py --official /tmp/DiffusionNFT --model assets/shapes-sd3
 
-Prints one row per side (seconds an iteration: sampling, reward, update, total) as Markdown
+Prints one row per side (CPU seconds an iteration: sampling, reward, update, total) as Markdown
 (docs/performance.md).
 """
 
@@ -33,6 +33,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def clock() -> float:
+    """CPU seconds of this process: on a shared machine, unlike wall time, they do not count the
+    time other jobs hold the cores (run with --threads 1 so no thread spins while it waits)."""
+    return time.process_time()
 TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0",
            "attn.to_q", "attn.to_v"]
 
@@ -55,13 +61,13 @@ def flowgrpo_side(args):
     trainer = Trainer(validate(load_config(TrainConfig, None, over)))
     yield sum(p.numel() for p in trainer.named_params.values())
     for it in range(args.iterations + 1):
-        t0 = time.perf_counter()
+        t0 = clock()
         batch = trainer.sample(it)
-        t1 = time.perf_counter()
+        t1 = clock()
         adv, _ = trainer.score(batch)
-        t2 = time.perf_counter()
+        t2 = clock()
         trainer.update(batch, adv, it)
-        t3 = time.perf_counter()
+        t3 = clock()
         yield t1 - t0, t2 - t1, t3 - t2
 
 
@@ -121,7 +127,7 @@ def official_side(args):
         with torch.no_grad():
             enc = encoder.encode_prompts(prompts)
         emb, pooled = enc["prompt_embeds"], enc["pooled_projections"]
-        t0 = time.perf_counter()
+        t0 = clock()
         model.eval()
         lat_clean, images, timesteps = [], [], None
         for lo in range(0, len(prompts), args.batch):
@@ -136,10 +142,10 @@ def official_side(args):
             images.append(imgs)
             timesteps = pipe.scheduler.timesteps.clone()
         x0_all = torch.cat(lat_clean)
-        t1 = time.perf_counter()
+        t1 = clock()
         rewards = reward(as_uint8_images(torch.cat(images)), prompts, meta, None).scores
         adv = torch.as_tensor(PerPromptStatTracker(global_std=True).update(prompts, rewards), dtype=torch.float32)
-        t2 = time.perf_counter()
+        t2 = clock()
         model.train()
         n = len(prompts)
         perms = torch.stack([torch.randperm(len(timesteps)) for _ in range(n)])
@@ -180,8 +186,11 @@ def official_side(args):
         with torch.no_grad():
             for src, dst in zip(params, old_params):
                 dst.copy_(dst * decay + src.detach() * (1.0 - decay))
-        t3 = time.perf_counter()
+        t3 = clock()
         yield t1 - t0, t2 - t1, t3 - t2
+
+
+START = time.perf_counter()
 
 
 def main() -> None:
@@ -192,7 +201,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16, help="images a forward pass, sampling and training")
     ap.add_argument("--iterations", type=int, default=2, help="timed iterations, after one warm-up")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are exact at 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sides = {"flowgrpo": flowgrpo_side(args)}
@@ -209,6 +218,7 @@ def main() -> None:
                 times[name].append(row)
     print(f"{args.prompts} prompts x {args.group} images, micro-batch {args.batch}, {args.iterations} timed "
           f"iterations (alternating), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("CPU seconds an iteration:")
     print("| code | LoRA parameters | sampling | reward | update | total / iteration |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in sides:
@@ -218,6 +228,7 @@ def main() -> None:
     if args.official:
         ratio = [sum(a) / sum(b) for a, b in zip(times["flowgrpo"], times["official"])]
         print(f"flowgrpo / official, per iteration pair: {', '.join(f'{x:.2f}' for x in ratio)}")
+    print(f"{time.perf_counter() - START:.0f} s wall in all")
 
 
 if __name__ == "__main__":
