@@ -93,3 +93,20 @@ def test_two_iterations_at_the_official_settings(tiny_shapes_model, tmp_path):
     assert len(rows) == 2 and all(m["train/kept_share"] == 1.0 for m in rows)  # flat groups are trained too
     assert all(m["train/timesteps"] == 3 for m in rows)  # 3 per-image slots of the 4 dpm2 steps
     assert rows[-1]["train/nft/old_distance"] > 0
+
+
+def test_the_official_comparison_benchmark_times_flowgrpo_without_the_checkout(tiny_shapes_model):
+    """scripts/bench_nft_official.py's flowgrpo side runs alone (the official side needs a checkout)."""
+    import importlib.util
+    from argparse import Namespace
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_nft_official.py"
+    spec = importlib.util.spec_from_file_location("bench_nft_official", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    side = mod.flowgrpo_side(Namespace(model=str(tiny_shapes_model), prompts=2, group=4, batch=8, iterations=0,
+                                       threads=1))
+    assert next(side) > 0  # the LoRA's parameters
+    sample_s, reward_s, update_s = next(side)
+    assert sample_s > 0 and update_s > 0 and reward_s >= 0
