@@ -86,6 +86,7 @@ class RewardConfig:
     # and the generator on the others (Adv-GRPO: 9 of 10); d_period 0 = update both every step.
     d_steps: int = 1
     d_period: int = 0  # see d_steps
+    overlap: bool = True  # rewards run on each sampling batch while the next samples (false: after; same scores)
 
 
 @dataclass

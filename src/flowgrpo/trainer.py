@@ -32,6 +32,7 @@ from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
 from .parallel import gathered, set_gradient_sync
 from .rewards import as_uint8_images, make_reward
+from .rewards.pipeline import RewardPipeline, RewardRound
 from .sampling import Window, initial_noise, rollout, window_start
 from .train_config import TrainConfig
 
@@ -56,6 +57,7 @@ class Batch:
     all_advantages: torch.Tensor | None = None  # the gathered batch's advantages (set by score)
     all_group_ids: torch.Tensor | None = None  # and its group ids
     means: torch.Tensor | None = None  # each step's Gaussian mean, when the objective keeps them
+    reward_round: RewardRound | None = None  # the rewards' calls on this batch, running or queued
 
 
 class Trainer:
@@ -104,6 +106,7 @@ class Trainer:
                     if o.ema_decay > 0 else None)
         self.rewards = {name: make_reward(name, **dict(cfg.reward.args.get(name, {})))
                         for name in cfg.reward.weights}
+        self.reward_pipeline = RewardPipeline(self.rewards, overlap=cfg.reward.overlap)
         self.train_items = load_prompts(cfg.data.train, list(cfg.data.train_tags))
         self.test_items = load_prompts(cfg.data.test, list(cfg.data.test_tags)) if cfg.data.test else []
         by_tag: dict[str, list[dict]] = {}
@@ -164,6 +167,7 @@ class Trainer:
         lat, lps, imgs, means = [], [], [], []
         keep_means = self.objective.keeps_step_means
         cond = self.encode(prompts)
+        rewards = self.reward_pipeline.begin(gidx.numpy(), group_ids.numpy(), s.group_size)
         with self.objective.sampling_context():  # e.g. NFT samples with its old weights
             for start in range(0, per_proc, s.batch_size):
                 sl = slice(start, min(per_proc, start + s.batch_size))
@@ -181,34 +185,29 @@ class Trainer:
                 means.append(traj.means)
                 lps.append(traj.log_probs)
                 imgs.append(as_uint8_images(traj.images))
+                rewards.add(sl, imgs[-1], prompts[sl], metadata[sl])  # scored while the next batch samples
         return Batch(prompts, metadata, gidx, group_ids, cond, torch.cat(lat), torch.cat(lps), np.concatenate(imgs),
-                     traj.sigmas, traj.sde_steps, means=torch.cat(means) if keep_means else None)
+                     traj.sigmas, traj.sde_steps, means=torch.cat(means) if keep_means else None, reward_round=rewards)
 
     # ---- 3-4: rewards and advantages ----------------------------------------------------
     def score(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """Rewards for this process's images -> advantages for them, plus metrics."""
-        from accelerate.utils import broadcast_object_list, gather_object
-
         stats: dict[str, float] = {}
         global_rewards: dict[str, torch.Tensor] = {}
         all_ids = self.acc.gather(batch.group_ids.to(self.acc.device)).cpu()
-        for name, reward in self.rewards.items():
-            if reward.needs_groups and self.world > 1:
-                # whole groups must be judged together: gather everything, score on the main process
-                imgs = gather_object([batch.images])
-                prompts, meta = gather_object([batch.prompts]), gather_object([batch.metadata])
-                payload = [None]
-                if self.acc.is_main_process:
-                    out = reward(np.concatenate(imgs), sum(prompts, []), sum(meta, []), all_ids.numpy())
-                    payload = [out]
-                out = broadcast_object_list(payload)[0]
-                scores = torch.as_tensor(out.scores, dtype=torch.float64)
-            else:
-                out = reward(batch.images, batch.prompts, batch.metadata, batch.group_ids.numpy())
-                scores = self.acc.gather(torch.as_tensor(out.scores, dtype=torch.float64, device=self.acc.device)).cpu()
-                for comp, vals in out.components.items():
-                    v = self.acc.gather(torch.as_tensor(vals, dtype=torch.float64, device=self.acc.device))
-                    stats[f"reward/{name}/{comp}"] = float(v.mean())
+        if batch.reward_round is None:  # a batch built by hand: its rewards were never sent
+            batch.reward_round = self.reward_pipeline.begin(batch.global_index.numpy(), batch.group_ids.numpy(),
+                                                            self.cfg.sample.group_size)
+            batch.reward_round.add(slice(None), batch.images, batch.prompts, batch.metadata)
+        # waits only for the calls still running; groups straddling processes are judged on the main one
+        scored = batch.reward_round.collect(self.acc)
+        stats["time/reward_wait"] = batch.reward_round.wait_seconds
+        stats["time/reward_compute"] = batch.reward_round.compute_seconds
+        batch.reward_round = None  # its images and futures are not needed any more
+        for name, out in scored.items():
+            scores = out.scores
+            for comp, vals in out.components.items():
+                stats[f"reward/{name}/{comp}"] = float(vals.mean())
             for k, v in out.info.items():
                 stats[f"reward/{name}/{k}"] = float(v)
             global_rewards[name] = scores

@@ -11,6 +11,13 @@ Images travel as uint8 arrays (B, H, W, 3). Three kinds share one call:
   discriminator that the trainer updates through `update(...)` and checkpoints through
   `state_dict()` / `load_state_dict()`.
 
+The trainer calls a reward on parts of an iteration's images (each sampling batch; each
+prompt group for rewards that need groups), in worker threads while the next batch samples
+(rewards/pipeline.py). Calls of one reward run one at a time, in order, unless the reward
+declares `concurrent_calls > 1` (it is thread-safe: an HTTP client, say). The parts' `info`
+counters are summed; keys named in `mean_info` (rates and means) are averaged, weighted by
+the number of images in each part.
+
 Rewards are made by name from a registry (`make_reward("shapes_strict")`), so configs and
 the reward server can name any of them.
 """
@@ -38,6 +45,8 @@ class Reward:
     name: str = "reward"
     kind: str = "pointwise"
     needs_groups: bool = False
+    concurrent_calls: int = 1  # calls that may run at once from worker threads (thread-safe rewards only)
+    mean_info: tuple[str, ...] = ()  # info keys (or "key/" prefixes) that are rates or means, not counts
 
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None = None,
                  group_ids: np.ndarray | None = None) -> RewardOutput:
@@ -49,6 +58,24 @@ class Reward:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def merge_info(reward: Reward, parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """One info dict from the calls on parts of a batch: (images in the part, its info) each.
+    Counts add up; the reward's `mean_info` keys are image-weighted means (NaN parts skipped)."""
+    if len(parts) == 1:
+        return dict(parts[0][1])
+    means = tuple(reward.mean_info)
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for _, info in parts for k in info):
+        vals = [(n, float(info[key])) for n, info in parts if key in info]
+        if key in means or any(p.endswith("/") and key.startswith(p) for p in means):
+            vals = [(n, v) for n, v in vals if np.isfinite(v)]
+            weight = sum(n for n, _ in vals)
+            out[key] = sum(n * v for n, v in vals) / weight if weight else float("nan")
+        else:
+            out[key] = sum(v for _, v in vals)
+    return out
 
 
 def as_uint8_images(images) -> np.ndarray:

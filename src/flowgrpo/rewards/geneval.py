@@ -107,6 +107,7 @@ def _geneval_shapes(mode: str = "partial"):
 
 
 class GenevalReward(RemoteReward):
+    mean_info = ("geneval_strict", "geneval_partial", "geneval_strict/")
     """Client of a remote GenEval scorer. Records are checked here, before any upload.
 
     info adds `geneval_strict`, `geneval_partial` (batch means) and `geneval_strict/TAG` per tag.

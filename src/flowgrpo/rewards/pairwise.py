@@ -69,6 +69,7 @@ class Judge:
 
     name: str = "judge"
     hard: bool = False  # answers only 0, 0.5 or 1
+    concurrent_calls: int = 1  # judge() calls that may run at once (thread-safe judges only)
 
     def judge(self, prompts: list[str], images_a: np.ndarray, images_b: np.ndarray,
               metadata: list[dict | None] | None = None) -> JudgeResult:
@@ -111,6 +112,7 @@ class BradleyTerryJudge(Judge):
         if not tau >= 0:
             raise RewardError(f"bradley_terry tau must be >= 0 (0 = hard comparison), got {tau}")
         self.reward = pointwise_reward
+        self.concurrent_calls = pointwise_reward.concurrent_calls
         self.tau = float(tau)
         self.hard = self.tau == 0
         self.sample, self.seed = bool(sample), int(seed)
@@ -245,6 +247,7 @@ class WinRateReward(Reward):
 
     kind = "pairwise"
     needs_groups = True
+    mean_info = ("failure_rate", "first_wins_share", "winrate_std")
 
     def __init__(self, judge: Judge, both_orders: bool = False, pairs_per_image: int | None = None,
                  seed: int = 0, name: str = "pref_winrate"):
@@ -253,6 +256,7 @@ class WinRateReward(Reward):
         if pairs_per_image is not None and int(pairs_per_image) < 1:
             raise RewardError(f"pairs_per_image must be >= 1 (or null for all pairs), got {pairs_per_image}")
         self.judge = judge
+        self.concurrent_calls = judge.concurrent_calls
         self.both_orders = bool(both_orders)
         self.pairs_per_image = None if pairs_per_image is None else int(pairs_per_image)
         self.seed = int(seed)

@@ -43,6 +43,7 @@ def _nan_list(values) -> np.ndarray:
 
 
 class RemoteReward(Reward):
+    concurrent_calls = 4  # httpx.Client is thread-safe; the server queues what it cannot run at once
     def __init__(self, url: str, token: str | None = None, timeout: float = 300.0, connect_timeout: float = 5.0,
                  max_retries: int = 8, backoff: float = 0.5, max_backoff: float = 30.0, batch_size: int | None = None,
                  probe: bool = True):

@@ -240,6 +240,7 @@ class VLMJudge(Judge):
     """
 
     hard = True
+    concurrent_calls = 4  # every judge() call runs its own event loop and HTTP client
 
     def __init__(self, base_url: str = "http://127.0.0.1:8080/v1", model: str = "UnifiedReward",
                  format: str = "think", instruction: str | None = None, api_key: str | None = None,
