@@ -121,3 +121,41 @@ def test_groups_are_judged_where_they_are_on_two_processes(tmp_path):
     assert out["group_calls_per_rank"] == [2, 2]  # each process judged its own two groups
     assert out["per_rank"] == out["gathered"]
     assert out["per_rank"] == adv_one.tolist()
+
+
+def test_bench_with_a_served_reward_of_fixed_latency(tmp_path):
+    from servers import serve_app
+
+    from flowgrpo.bench import run_bench
+    from flowgrpo.rewards import make_reward
+    from flowgrpo.rewards.server import DelayedReward, create_app
+
+    slow = DelayedReward(make_reward("shapes_partial"), 0.02)
+    with serve_app(create_app(slow)) as url:
+        res = run_bench(str(ROOT / "configs" / "demo.yaml"), DEMO_SMALL + [f"run.output_dir={tmp_path}"],
+                        iterations=1, remote_reward=url)
+    assert res["rewards"] == [f"remote:{url}"] and res["overlap"]
+    assert res["reward_compute_s"] >= 8 * 0.02  # 8 images an iteration, each delayed
+    assert 0 <= res["reward_s"] and res["iteration_s"] == pytest.approx(res["sample_s"] + res["reward_s"]
+                                                                        + res["update_s"])
+
+
+def test_judge_server_bench_latency_answers_k_comparisons_at_once():
+    from servers import serve_app
+
+    from flowgrpo.rewards.judge_server import create_app
+    from flowgrpo.rewards.pairwise import make_judge
+    from flowgrpo.rewards.vlm_judge import VLMJudge
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 255, (2, 4, 8, 8, 3), dtype=np.uint8)
+    prompts = ["a photo of a red circle"] * 4
+    answers = []
+    for latency in (0.0, 0.15):
+        with serve_app(create_app(make_judge("shapes"), bench_latency=latency, bench_slots=2)) as url:
+            start = time.perf_counter()
+            res = VLMJudge(base_url=url + "/v1", max_retries=0).judge(prompts, a, b)
+            elapsed = time.perf_counter() - start
+            assert not res.failed.any()
+            answers.append(res.probs.tolist())
+    assert answers[0] == answers[1] and elapsed >= 2 * 0.15  # 4 comparisons, 2 at a time

@@ -88,7 +88,7 @@ def _sample(args) -> int:
 def _bench(args) -> int:
     from .bench import run_bench
 
-    run_bench(args.config, args.overrides, args.iterations)
+    run_bench(args.config, args.overrides, args.iterations, remote_reward=args.remote_reward)
     return 0
 
 
@@ -142,4 +142,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--remote-reward", metavar="URL", default=None,
+                   help="score with the reward server at URL (`flowgrpo serve-reward`) instead of the config's rewards")
     p.set_defaults(func=_bench)

@@ -19,6 +19,10 @@ images, an image that is not a base64 data URL, no caption found), 401 without t
 token when one is set, 413 for bodies over the size limit, 503 if the judge could not
 answer (clients retry). Image URLs are never fetched. Binds 127.0.0.1 unless told.
 
+For measurement only, `--bench-latency S --bench-slots K` makes every comparison take S
+seconds more, at most K at once (a served VLM answers a batch of requests together): a cheap
+judge then stands for a slow one (docs/performance.md).
+
     flowgrpo serve-judge --judge shapes --port 8100
     flowgrpo serve-judge --judge bradley_terry --judge-args '{"reward": "shapes_partial", "tau": 0.05}' \\
         --verdict sample --token "$TOKEN"
@@ -115,11 +119,14 @@ def render_answer(p: float, verdict: int, fmt: str, judge_name: str, caption: st
 
 def create_app(judge: Judge, model_name: str = "flowgrpo-judge", token: str | None = None,
                verdict: str = "threshold", seed: int = 0, max_request_bytes: int = MAX_REQUEST_BYTES,
-               max_image_pixels: int = MAX_IMAGE_PIXELS):
+               max_image_pixels: int = MAX_IMAGE_PIXELS, bench_latency: float = 0.0, bench_slots: int = 1):
+    if not bench_latency >= 0 or bench_slots < 1:
+        raise RewardError(f"--bench-latency must be >= 0 and --bench-slots >= 1, got {bench_latency}, {bench_slots}")
     if verdict not in ("threshold", "sample"):
         raise RewardError(f"verdict must be 'threshold' or 'sample', got {verdict!r}")
     app = FastAPI(title="flowgrpo judge", description=f"pairwise judge {judge.name}")
     lock = threading.Lock()  # judges (torch models, verifiers) are not assumed thread-safe
+    slots = threading.Semaphore(bench_slots)
     rng = np.random.default_rng(seed)
     stats = {"requests": 0, "failures": 0}
 
@@ -136,6 +143,9 @@ def create_app(judge: Judge, model_name: str = "flowgrpo-judge", token: str | No
             raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
 
     def run_judge(caption: str, a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+        if bench_latency:
+            with slots:
+                time.sleep(bench_latency)
         with lock:
             res = judge.judge([caption], a[None], b[None])
             p, failed = float(np.asarray(res.probs)[0]), bool(np.asarray(res.failed)[0])
@@ -196,7 +206,8 @@ def _serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         print(f"warning: serving on {args.host} without a token; anyone who reaches the port can use the "
               "judge (set --token or FLOWGRPO_JUDGE_TOKEN)", file=sys.stderr)
-    app = create_app(judge, model_name=args.model_name, token=token, verdict=args.verdict, seed=args.seed)
+    app = create_app(judge, model_name=args.model_name, token=token, verdict=args.verdict, seed=args.seed,
+                     bench_latency=args.bench_latency, bench_slots=args.bench_slots)
     print(f"serving judge {judge.name} as model {args.model_name!r} at http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -216,4 +227,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--verdict", choices=("threshold", "sample"), default="threshold",
                    help="how a probability becomes a verdict (see the module docstring)")
     p.add_argument("--seed", type=int, default=0, help="seed for --verdict sample")
+    p.add_argument("--bench-latency", type=float, default=0.0, metavar="SECONDS",
+                   help="benchmarking only: add SECONDS to every comparison, as a slow VLM judge would")
+    p.add_argument("--bench-slots", type=int, default=1, metavar="K",
+                   help="benchmarking only: comparisons that wait out --bench-latency at once (default 1)")
     p.set_defaults(func=_serve)

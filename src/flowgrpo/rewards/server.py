@@ -19,6 +19,10 @@ Protocol (version 1). Nothing is pickled; bodies are JSON or multipart.
 
 One reward call runs at a time, in a worker thread, so /health answers while it scores.
 Binds 127.0.0.1 unless told; with --host elsewhere, set a token.
+
+For measurement only, `--bench-latency S` makes every call take S seconds more per image
+(serially, as a reward model on one device would): a cheap reward then stands for a slow
+one in `flowgrpo bench --remote-reward` (docs/performance.md).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the endpoint annotations at runtime.
@@ -123,6 +127,21 @@ def _stack(images: list[np.ndarray]) -> np.ndarray:
         sizes = ", ".join(sorted(f"{s[1]}x{s[0]}" for s in shapes))
         raise RequestProblem(422, f"all images in one request must have one size; got {sizes}")
     return np.stack(images)
+
+
+class DelayedReward(Reward):
+    """`reward` plus a fixed latency per image (serve-reward --bench-latency): a stand-in for a
+    slow reward model when measuring how much of the reward time training hides."""
+
+    def __init__(self, reward: Reward, seconds_per_image: float):
+        if not seconds_per_image >= 0:
+            raise RewardError(f"--bench-latency must be >= 0 seconds an image, got {seconds_per_image}")
+        self.reward, self.seconds_per_image = reward, float(seconds_per_image)
+        self.name, self.kind, self.needs_groups = reward.name, reward.kind, reward.needs_groups
+
+    def __call__(self, images, prompts, metadata=None, group_ids=None):
+        time.sleep(self.seconds_per_image * len(images))
+        return self.reward(images, prompts, metadata, group_ids)
 
 
 class RewardService:
@@ -354,6 +373,8 @@ def _serve(args) -> int:
         except ImportError as exc:
             raise RewardError(f"--import {module}: {exc}") from None
     reward = make_reward(args.name, **parse_args_kv(args.arg))
+    if args.bench_latency:
+        reward = DelayedReward(reward, args.bench_latency)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("serving on %s without a token: anyone who can reach the port can use the reward", args.host)
@@ -379,5 +400,7 @@ def add_commands(subparsers) -> None:
                    help="argument for the reward (repeatable), e.g. --arg backend=tesseract")
     p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
                    help="import a module first, e.g. one that registers its own reward (repeatable)")
+    p.add_argument("--bench-latency", type=float, default=0.0, metavar="SECONDS",
+                   help="benchmarking only: add SECONDS per image to every call, as a slow reward model would")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
