@@ -72,10 +72,6 @@ class RewardPipeline:
     def begin(self, global_index, group_ids, group_size: int) -> RewardRound:
         return RewardRound(self, np.asarray(global_index), np.asarray(group_ids), group_size)
 
-    def close(self) -> None:
-        for pool in (self.pools or {}).values():
-            pool.shutdown(wait=False, cancel_futures=True)
-
 
 class RewardRound:
     """One iteration's reward calls on this process (module docstring)."""
@@ -84,7 +80,7 @@ class RewardRound:
         self.rewards, self.pools = pipeline.rewards, pipeline.pools
         self.global_index, self.group_ids = global_index, group_ids
         n = len(global_index)
-        # contiguous slices of whole groups exist on every process, or a group straddles two
+        # a process's contiguous slice holds whole groups exactly when group_size divides it, on every process
         self.straddles = n % group_size != 0
         ids, counts = np.unique(group_ids, return_counts=True)
         self.local_groups = ids[counts == group_size]  # wholly on this process
