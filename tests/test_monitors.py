@@ -144,7 +144,7 @@ def test_drift_alarm_names_the_statistic_that_moved():
         alarms += mon.observe(batch_of(imgs), {"reward/mean": 0.5}, it)
     assert alarms and {a.name for a in alarms} >= {"drift/brightness"}
     msg = next(a.message for a in alarms if a.name == "drift/brightness")
-    assert "brightness drift" in msg and "threshold 1.5" in msg
+    assert "brightness drift" in msg and "threshold 2" in msg
     # grid artefacts: a checkerboard over the images raises the high-frequency energy
     grid = np.indices((32, 32)).sum(0) % 2 * 60
     hacked = [blobs(rng, 16) for _ in range(4)] + [np.clip(blobs(rng, 16) + grid[None, :, :, None], 0, 255)
@@ -187,3 +187,19 @@ def test_stop_on_alarm_stops_with_a_resumable_checkpoint(tiny_shapes_model, tmp_
     _same_run(straight, stopped, 3)
     rows = read_metrics(stopped / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["alarm/amplification"] == 1.0 for r in rows)
+
+
+def test_no_alarm_on_a_short_unhacked_shapes_run(tmp_path):
+    """The shipped shapes base trained on the verifier's partial credit, gold = strict accuracy:
+    an honest run, on which no alarm may fire (the divergence window shortened to see it checked)."""
+    over = ["model.path=" + str(ROOT / "assets" / "shapes-sd3"), "sample.num_steps=4", "sample.group_size=4",
+            "sample.prompts_per_step=2", "optim.timestep_fraction=0.5", "optim.steps=8", "run.eval_before=false",
+            "run.tensorboard=false", "data.test=", f"run.output_dir={tmp_path}",
+            "reward.weights={shapes_partial: 1.0}", "reward.gold={shapes_strict: 1.0}", "monitor.window=4"]
+    train(validate(load_config(TrainConfig, None, over)))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    alarms = {k for r in rows for k in r if k.startswith("alarm/")}
+    assert {"alarm/divergence", "alarm/diversity", "alarm/amplification",
+            "alarm/drift/brightness", "alarm/drift/high_freq"} <= alarms
+    fired = {(r["step"], k) for r in rows for k in alarms if r.get(k)}
+    assert not fired, fired

@@ -214,8 +214,8 @@ class MonitorConfig:
     """Reward-hacking alarms (monitors.py): each compares a statistic with its threshold every iteration."""
 
     enabled: bool = True  # compute the monitors (cheap: downsampled images and logged scalars)
-    base_iterations: int = 2  # the first iterations of a run (the base model's rollouts) set the diversity and image-statistic baselines
-    smooth: int = 3  # diversity, drift and amplification alarms use the mean of the last `smooth` iterations: one odd batch does not fire
+    base_iterations: int = 3  # the first iterations of a run (the base model's rollouts) set the diversity and image-statistic baselines
+    smooth: int = 4  # diversity, drift and amplification alarms use the mean of the last `smooth` iterations: one odd batch does not fire
     # proxy-gold divergence: least-squares slopes of reward/mean and gold/total over the last `window`
     # gold scorings; fires when the proxy's slope is above +divergence_z standard errors and gold's below -divergence_z
     window: int = 12
@@ -223,8 +223,8 @@ class MonitorConfig:
     # diversity collapse: within-group spread of 8x8 downsampled images as a share of the base's; fires below this
     diversity_ratio: float = 0.35
     # image-statistic drift (brightness, saturation, high-frequency energy): |batch mean - base mean| in
-    # units of the base's per-image standard deviation; fires above this
-    drift_sd: float = 1.5
+    # units of the base's per-image standard deviation; fires above this (1.5 fired on an unhacked 16-image shapes run)
+    drift_sd: float = 2.0
     # advantage amplification (adv std / within-group reward std, Pref-GRPO's illusory advantage): fires above
     # this; 0 = off. Group normalisation of tiny reward gaps into unit advantages is what gets hacked
     amplification_max: float = 30.0
