@@ -207,7 +207,11 @@ def load_proxy(path: str | Path) -> tuple[ProxyNet, dict]:
                           f"version in {PROMPT_FEATURES}; retrain it with `flowgrpo make-proxy --out {folder}`")
     arch = ProxyArchitecture(**meta["architecture"])
     net = ProxyNet(arch)
-    net.load_state_dict(load_file(folder / "proxy.safetensors"))
+    try:
+        net.load_state_dict(load_file(folder / "proxy.safetensors"))
+    except RuntimeError as exc:  # missing or misshapen weights: another version of the network
+        raise RewardError(f"the proxy at {folder} does not fit this version's network ({str(exc).splitlines()[0]}); "
+                          f"retrain it with `flowgrpo make-proxy --out {folder}`") from None
     return net.eval(), meta
 
 
