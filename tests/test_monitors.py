@@ -203,3 +203,30 @@ def test_no_alarm_on_a_short_unhacked_shapes_run(tmp_path):
             "alarm/drift/brightness", "alarm/drift/high_freq"} <= alarms
     fired = {(r["step"], k) for r in rows for k in alarms if r.get(k)}
     assert not fired, fired
+
+
+def test_two_processes_log_the_gold_and_monitors_of_one(tiny_shapes_model, tmp_path):
+    """Each process scores its own images for a pointwise gold reward (gathered), a group gold
+    reward judges the gathered groups once; the monitors see the gathered batch."""
+    import os
+    import subprocess
+    import sys
+
+    from flowgrpo.config import save_config
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    cfg = tiny(tiny_shapes_model, one, steps=1, extra=["sample.prompts_per_step=1", "sample.group_size=6",
+                                                       "reward.gold={shapes_partial: 1.0, pref_winrate: 0.5}"])
+    train(cfg)
+    save_config(cfg, tmp_path / "cfg.yaml")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "127.0.0.1:0", "-m", "flowgrpo", "train", str(tmp_path / "cfg.yaml"),
+           f"run.output_dir={two}"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_metrics(one / "metrics.jsonl")[0], read_metrics(two / "metrics.jsonl")[0]
+    keys = [k for k in a if k.startswith(("gold/", "monitor/"))]
+    assert {"gold/shapes_partial", "gold/pref_winrate", "gold/total", "monitor/diversity/spread"} <= set(keys)
+    for k in keys:
+        assert b[k] == pytest.approx(a[k], abs=1e-6), k
