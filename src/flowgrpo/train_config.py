@@ -206,7 +206,7 @@ class RunConfig:
     # empty: the training rewards (reward.weights). Shapes prompts are always judged by the verifier.
     eval_rewards: dict[str, float] = field(default_factory=dict)
     gold_every: int = 1  # iterations between gold-reward scorings (reward.gold); a costly judge may want 5-10
-    stop_on_alarm: bool = False  # end the run (checkpoint and final weights written, resumable) when a monitor alarm fires
+    stop_on_alarm: bool = False  # end the run (checkpoint and final weights written, resumable) when an alarm fires
 
 
 @dataclass
@@ -214,8 +214,10 @@ class MonitorConfig:
     """Reward-hacking alarms (monitors.py): each compares a statistic with its threshold every iteration."""
 
     enabled: bool = True  # compute the monitors (cheap: downsampled images and logged scalars)
-    base_iterations: int = 3  # the first iterations of a run (the base model's rollouts) set the diversity and image-statistic baselines
-    smooth: int = 4  # diversity, drift and amplification alarms use the mean of the last `smooth` iterations: one odd batch does not fire
+    # the first iterations of a run (the base model's rollouts) set the diversity and image-statistic baselines
+    base_iterations: int = 3
+    # diversity, drift and amplification alarms use the mean of the last `smooth` iterations: one odd batch does not fire
+    smooth: int = 4
     # proxy-gold divergence: least-squares slopes of reward/mean and gold/total over the last `window`
     # gold scorings; fires when the proxy's slope is above +divergence_z standard errors and gold's below -divergence_z
     window: int = 12
@@ -393,8 +395,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.run.gold_every < 1:
         raise ConfigError(f"run.gold_every must be >= 1 (iterations between gold scorings), got {cfg.run.gold_every}")
     if m.window < 3 or m.base_iterations < 1 or m.smooth < 1:
-        raise ConfigError(f"monitor.window must be >= 3 (a slope's standard error needs 3 points), monitor.base_iterations "
-                          f"and monitor.smooth >= 1; got {m.window}, {m.base_iterations}, {m.smooth}")
+        raise ConfigError(f"monitor.window must be >= 3 (a slope's standard error needs 3 points), "
+                          f"monitor.base_iterations and monitor.smooth >= 1; got {m.window}, {m.base_iterations}, "
+                          f"{m.smooth}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if (s.group_size * s.prompts_per_step) % max(1, o.optimizer_steps):

@@ -26,11 +26,11 @@ import torch
 
 from .algorithms import EMA, group_advantages, mix_advantages
 from .algorithms.objectives import CHECKPOINT_NAME, Services, derived_generator, objective_class
-from .monitors import MONITOR_NAME
 from .data import load_prompts
 from .eval.held_out import is_shapes
 from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
+from .monitors import MONITOR_NAME
 from .parallel import gathered, set_gradient_sync
 from .rewards import as_uint8_images, make_reward
 from .sampling import Window, initial_noise, rollout, window_start

@@ -8,7 +8,8 @@ over-optimisation that the verifier, kept as the gold reward, measures.
     flowgrpo make-proxy --out runs/shapes-proxy          # renders + base samples, minutes on CPU
 
 The training images are renders and samples of a shipped base model, each labelled by the
-verifier for the prompt it was made for and for a few prompts drawn at random (partly right). Saved as proxy.safetensors + proxy.json (sizes and held-out agreement).
+verifier for the prompt it was made for and for a few prompts drawn at random (partly right).
+Saved as proxy.safetensors + proxy.json (sizes and held-out agreement).
 """
 
 from __future__ import annotations
@@ -244,7 +245,8 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "make-proxy", help="train a learned proxy of the shapes verifier (a reward to over-optimise)",
         description="Label renders and base-model samples with the shapes verifier's partial credit for "
-                    "their own prompt and a few others, train a small CNN on them, report its agreement with the verifier on held-out images "
+                    "their own prompt and a few others, train a small CNN on them, report its agreement with the "
+                    "verifier on held-out images "
                     "and save OUT/proxy.safetensors + OUT/proxy.json. Use it as reward shapes_proxy "
                     "(reward.args: {shapes_proxy: {path: OUT}}) or as judge shapes_proxy for pref_winrate.")
     p.add_argument("--out", required=True, help="output folder")
