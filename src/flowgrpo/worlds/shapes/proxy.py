@@ -166,7 +166,7 @@ def predict(net: ProxyNet, images: np.ndarray, records: list[dict], batch: int =
 
 
 def train_proxy(images, records, labels, *, arch: ProxyArchitecture, epochs: int, seed: int,
-                batch: int = 64, lr: float = 2e-3) -> ProxyNet:
+                batch: int = 64, lr: float = 2e-3, progress: bool = False) -> ProxyNet:
     torch.manual_seed(seed)
     net = ProxyNet(arch)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -174,7 +174,12 @@ def train_proxy(images, records, labels, *, arch: ProxyArchitecture, epochs: int
     p = torch.as_tensor(np.stack([prompt_features(r) for r in records]))
     y = torch.as_tensor(labels)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    passes = range(epochs)
+    if progress:
+        from tqdm import tqdm
+
+        passes = tqdm(passes, desc="training", unit="epoch")
+    for _ in passes:
         for idx in torch.randperm(len(y), generator=g).split(batch):
             loss = nn.functional.mse_loss(net(x[idx], p[idx]), y[idx])
             opt.zero_grad()
@@ -226,7 +231,8 @@ def make_proxy(out: str | Path, *, renders: int = 2000, samples: int = 500, prom
                                                              progress)
     test_images = np.random.default_rng(seed + 1).random(len(images)) < held_out
     te, tr = np.flatnonzero(test_images[index]), np.flatnonzero(~test_images[index])
-    net = train_proxy(images[index[tr]], [records[i] for i in tr], labels[tr], arch=arch, epochs=epochs, seed=seed)
+    net = train_proxy(images[index[tr]], [records[i] for i in tr], labels[tr], arch=arch, epochs=epochs, seed=seed,
+                      progress=progress)
     pred = predict(net, images[index[te]], [records[i] for i in te])
     report = {}
     for name, sel in (("held_out", np.ones(len(te), bool)), ("held_out_renders", source[index[te]] == 0),
