@@ -153,7 +153,7 @@ def agreement(pred: np.ndarray, labels: np.ndarray, records: list[dict]) -> dict
             "spearman": float(spearmanr(pred, labels)[0]) if varied else float("nan"),
             "mae": float(np.abs(pred - labels).mean()),
             "pair_accuracy": float(right / total) if total else float("nan"), "pairs": total,
-            "images": len(labels)}
+            "labelled": len(labels)}  # (image, prompt) pairs judged
 
 
 def predict(net: ProxyNet, images: np.ndarray, records: list[dict], batch: int = 256) -> np.ndarray:
@@ -286,7 +286,7 @@ def _cmd_make_proxy(args) -> int:
     for key in ("held_out", "held_out_renders", "held_out_samples"):
         if info.get(key):
             a = info[key]
-            print(f"{key:20s} images {a['images']:5d}  pearson {a['pearson']:.3f}  spearman {a['spearman']:.3f}  "
+            print(f"{key:20s} labelled {a['labelled']:5d}  pearson {a['pearson']:.3f}  spearman {a['spearman']:.3f}  "
                   f"mae {a['mae']:.3f}  pair accuracy {a['pair_accuracy']:.3f} ({a['pairs']} pairs)")
     print(f"wrote {Path(args.out) / 'proxy.safetensors'}")
     return 0
