@@ -12,7 +12,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "flowgrpo"
 TRAIN = [(SRC / "train_config.py",
           {"LoraConfig": "model.lora", "ModelConfig": "model", "DataConfig": "data", "SampleConfig": "sample",
-           "RewardConfig": "reward", "OptimConfig": "optim", "ParallelConfig": "parallel", "RunConfig": "run"})]
+           "RewardConfig": "reward", "OptimConfig": "optim", "ParallelConfig": "parallel", "RunConfig": "run",
+           "MonitorConfig": "monitor"})]
 SHAPES = [(SRC / "worlds" / "shapes" / "pretrain.py", {"PretrainConfig": "pretrain"}),
           (SRC / "worlds" / "shapes" / "model.py", {"ShapesArchitecture": "pretrain: arch"}),
           (SRC / "worlds" / "shapes" / "distill.py", {"DistillConfig": "distill"})]

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "flowgrpo.rewards.server",  # serve-reward
     "flowgrpo.rewards.judge_server",  # serve-judge
     "flowgrpo.rewards.references",  # make-references
+    "flowgrpo.worlds.shapes.proxy",  # make-proxy
     "flowgrpo.data_fetch",  # data fetch | list
 ]
 

@@ -85,7 +85,8 @@ def plot_run(metrics: list[dict], out: str | Path, reward_key: str = "reward/mea
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    watched = any(k.startswith(("gold/", "alarm/")) for m in metrics for k in m)
+    fig, ax = plt.subplots(1, 3 if watched else 2, figsize=(15 if watched else 10, 3.5))
     tr = [(m["step"], m[reward_key]) for m in metrics if reward_key in m]
     if tr:
         ax[0].plot(*zip(*tr), marker=".", lw=1)
@@ -98,9 +99,28 @@ def plot_run(metrics: list[dict], out: str | Path, reward_key: str = "reward/mea
     ax[1].set_xlabel("iteration")
     ax[1].set_ylabel(eval_key)
     ax[1].set_title("held-out accuracy")
+    if watched:
+        plot_watch(ax[2], metrics, reward_key)
     if objective:
         fig.suptitle(f"optim.policy_loss: {objective}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
+
+
+def plot_watch(ax, metrics: list[dict], reward_key: str = "reward/mean") -> None:
+    """The optimised reward against the gold one (each as its change from its first value, so
+    both fit one axis), with a red band at every iteration where an alarm fired."""
+    for key, style in ((reward_key, "-"), ("gold/total", "--")):
+        pts = [(m["step"], m[key]) for m in metrics if key in m]
+        if pts:
+            steps, values = zip(*pts)
+            ax.plot(steps, np.asarray(values) - values[0], style, marker=".", lw=1, label=f"{key} - first")
+    fired = sorted({m["step"] for m in metrics if any(k.startswith("alarm/") and m[k] for k in m)})
+    for step in fired:
+        ax.axvspan(step - 0.5, step + 0.5, color="red", alpha=0.15, lw=0)
+    names = sorted({k[len("alarm/"):] for m in metrics for k in m if k.startswith("alarm/") and m[k]})
+    ax.set_title("proxy vs gold" + (f"; alarms: {', '.join(names)}" if names else "; no alarm"), fontsize=9)
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=8)

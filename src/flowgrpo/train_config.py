@@ -87,6 +87,11 @@ class RewardConfig:
     d_steps: int = 1
     d_period: int = 0  # see d_steps
     overlap: bool = True  # rewards run on each sampling batch while the next samples (false: after; same scores)
+    # {registry name: weight} scored on the rollouts every run.gold_every iterations and logged as
+    # gold/<name> and gold/total, never entering advantages: the yardstick the optimised reward is
+    # checked against (e.g. train on pickscore, watch geneval or a VLM judge); empty = none
+    gold: dict[str, float] = field(default_factory=dict)
+    gold_args: dict[str, Any] = field(default_factory=dict)  # {gold reward name: constructor kwargs} (else reward.args)
 
 
 @dataclass
@@ -201,6 +206,31 @@ class RunConfig:
     # rewards of the held-out evaluation for prompts the shapes verifier cannot check ({name: weight});
     # empty: the training rewards (reward.weights). Shapes prompts are always judged by the verifier.
     eval_rewards: dict[str, float] = field(default_factory=dict)
+    gold_every: int = 1  # iterations between gold-reward scorings (reward.gold); a costly judge may want 5-10
+    stop_on_alarm: bool = False  # end the run (checkpoint and final weights written, resumable) when an alarm fires
+
+
+@dataclass
+class MonitorConfig:
+    """Reward-hacking alarms (monitors.py): each compares a statistic with its threshold every iteration."""
+
+    enabled: bool = True  # compute the monitors (cheap: downsampled images and logged scalars)
+    # the first iterations of a run (the base model's rollouts) set the diversity and image-statistic baselines
+    base_iterations: int = 3
+    # diversity, drift and amplification alarms use the mean of the last `smooth` iterations: one odd batch does not fire
+    smooth: int = 4
+    # proxy-gold divergence: least-squares slopes of reward/mean and gold/total over the last `window`
+    # gold scorings; fires when the proxy's slope is above +divergence_z standard errors and gold's below -divergence_z
+    window: int = 12
+    divergence_z: float = 3.0  # see window; 3 SE keeps false alarms on white noise below 1 in 1000 checks
+    # diversity collapse: within-group spread of 8x8 downsampled images as a share of the base's; fires below this
+    diversity_ratio: float = 0.35
+    # image-statistic drift (brightness, saturation, high-frequency energy): |batch mean - base mean| in
+    # units of the base's per-image standard deviation; fires above this (1.5 fired on an unhacked 16-image shapes run)
+    drift_sd: float = 2.0
+    # advantage amplification (adv std / within-group reward std, Pref-GRPO's illusory advantage): fires above
+    # this; 0 = off. Group normalisation of tiny reward gaps into unit advantages is what gets hacked
+    amplification_max: float = 30.0
 
 
 @dataclass
@@ -222,6 +252,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -361,6 +392,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"reward.mix must be 'reward' or 'advantage', got {r.mix!r}")
     if not r.weights:
         raise ConfigError("reward.weights is empty: name at least one reward, e.g. {shapes_partial: 1.0}")
+    m = cfg.monitor
+    if cfg.run.gold_every < 1:
+        raise ConfigError(f"run.gold_every must be >= 1 (iterations between gold scorings), got {cfg.run.gold_every}")
+    if m.window < 3 or m.base_iterations < 1 or m.smooth < 1:
+        raise ConfigError(f"monitor.window must be >= 3 (a slope's standard error needs 3 points), "
+                          f"monitor.base_iterations and monitor.smooth >= 1; got {m.window}, {m.base_iterations}, "
+                          f"{m.smooth}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if (s.group_size * s.prompts_per_step) % max(1, o.optimizer_steps):

@@ -30,6 +30,7 @@ from .data import load_prompts
 from .eval.held_out import is_shapes
 from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
+from .monitors import MONITOR_NAME
 from .parallel import gathered, set_gradient_sync
 from .rewards import as_uint8_images, make_reward
 from .rewards.pipeline import RewardPipeline, RewardRound
@@ -466,12 +467,14 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
     from .checkpoint import CheckpointReader, latest_checkpoint, load_checkpoint
     from .config import save_config, to_dict
     from .model_card import write_model_card
+    from .monitors import HackingMonitor
     from .runlog import MetricsLogger, image_grid, plot_run, read_metrics
 
     t_start = time.time()
     if resume and resume is not True:  # a damaged checkpoint is named before minutes of model loading
         CheckpointReader(resume)
     trainer = Trainer(cfg)
+    trainer.monitor = HackingMonitor(cfg, trainer.acc)  # gold rewards and hacking alarms (monitors.py)
     acc, run = trainer.acc, cfg.run
     out_dir = Path(run.output_dir)
     start, summary = 0, {}
@@ -485,7 +488,8 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         else:
             ckpt = Path(resume)
         state = load_checkpoint(ckpt, named_params=trainer.named_params, optimizer=trainer.optimizer,
-                                ema=trainer.ema, rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective},
+                                ema=trainer.ema, rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective,
+                                                          MONITOR_NAME: trainer.monitor},
                                 rank=acc.process_index, world=acc.num_processes)
         start, summary = state["step"], state.get("summary", {})
         trainer.step = start
@@ -514,6 +518,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
             stats.update(trainer.update_discriminators(batch))
         stats.update({"time/sample": t_sample, "time/reward": t_reward, "time/update": t_update,
                       "lr": trainer.optimizer.param_groups[0]["lr"]})
+        alarms = trainer.monitor.observe(batch, stats, it)  # after the update: nothing it scores reaches it
         trainer.step = it + 1
         if run.eval_every and (it + 1) % run.eval_every == 0 and it + 1 < cfg.optim.steps:
             table = evaluate(trainer, f"{it + 1:05d}")
@@ -529,9 +534,19 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
             strict_key = next((k for k in stats if k.endswith("/strict")), None)
             if strict_key:
                 post["acc"] = f"{stats[strict_key]:.2f}"
+            if "gold/total" in stats:
+                post["gold"] = f"{stats['gold/total']:.3f}"
+            if alarms:
+                post["ALARM"] = ",".join(a.name for a in alarms)
+                for a in alarms:
+                    if a.first:
+                        bar.write(f"iteration {it + 1}: {a.message}")
             bar.set_postfix(post)
         if run.save_every and (it + 1) % run.save_every == 0 and it + 1 < end:
             _save(trainer, it + 1, summary)
+        if alarms and run.stop_on_alarm:  # every process saw the same alarms (monitors.py): all stop here
+            summary["stopped_by_alarm"] = {"iteration": it + 1, "alarms": [a.message for a in alarms]}
+            break
     acc.wait_for_everyone()
     if trainer.step >= cfg.optim.steps:
         table = evaluate(trainer, "after")
@@ -566,6 +581,7 @@ def _save(trainer: Trainer, step: int, summary: dict):
 
     return save_checkpoint(trainer.cfg.run.output_dir, step, policy=trainer.policy,
                            named_params=trainer.named_params, optimizer=trainer.optimizer, ema=trainer.ema,
-                           rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective},
+                           rewards={**trainer.rewards, CHECKPOINT_NAME: trainer.objective,
+                                    **({MONITOR_NAME: trainer.monitor} if hasattr(trainer, "monitor") else {})},
                            state={"summary": summary, "ema_updates": trainer.ema.num_updates if trainer.ema else 0},
                            keep_last=trainer.cfg.run.keep_last, accelerator=trainer.acc)

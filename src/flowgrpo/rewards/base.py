@@ -128,7 +128,7 @@ def make_reward(name: str, **kwargs) -> Reward:
 def _import_builtin() -> None:
     # Importing the modules registers their rewards; optional ones fail soft at build time.
     from . import jpeg, shapes  # noqa: F401
-    for mod in ("clip", "ocr", "vlm", "geneval", "remote", "pairwise", "adversarial"):
+    for mod in ("clip", "ocr", "vlm", "geneval", "remote", "pairwise", "adversarial", "shapes_proxy"):
         try:
             __import__(f"{__package__}.{mod}")
         except ModuleNotFoundError as exc:

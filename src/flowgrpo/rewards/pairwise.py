@@ -180,7 +180,7 @@ def register_judge(name: str):
 
 
 def _import_judges() -> None:
-    from . import vlm_judge  # noqa: F401  (registers "vlm")
+    from . import shapes_proxy, vlm_judge  # noqa: F401  (register "shapes_proxy" and "vlm")
 
 
 def available_judges() -> list[str]:
