@@ -94,3 +94,31 @@ def serve_app(app, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ---- UniGenBench prompt rows written for the tests ----------------------------------------------
+# (key, prompt, testpoints, descriptions): the layout of UniGenBench's test_prompts_en.csv with
+# sentences of our own, so scoring and resume tests run without the published file.
+SYNTHETIC_UNIGENBENCH_ROWS = [
+    ("0", "In the style of a woodcut print, beside the Eiffel Tower, three foxes share a picnic.",
+     ["Style", "World Knowledge", "Attribute - Quantity"], ["woodcut print", "Eiffel Tower", "three foxes"]),
+    ("1", "A fisherman kneels on a jetty, lifting a lantern with his left hand, drawn as a watercolour.",
+     ["Action - Hand (Character/Anthropomorphic)", "Relationship - Composition",
+      "Action - Full-body (Character/Anthropomorphic)", "Style"],
+     ["lifting a lantern with his left hand", "(a fisherman) on a jetty", "kneels", "watercolour"]),
+    ("428", "In claymation style, a young sailor ties a knot on a wooden pier at dawn.",
+     ["Style"], ["claymation style"]),
+]
+
+
+def unigenbench_csv_row(key: str, prompt: str, testpoints: list[str], descriptions: list[str]) -> str:
+    import json
+
+    dims = json.dumps({"Testpoints": testpoints, "Testpoint Description": descriptions}).replace('"', '""')
+    return f'{key},"{prompt}","{dims}"'
+
+
+def write_unigenbench_csv(path: Path, rows=SYNTHETIC_UNIGENBENCH_ROWS) -> Path:
+    lines = ["index,prompt_en,sub_dims_en"] + [unigenbench_csv_row(*row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 from fastapi import FastAPI, Request
+from helpers import SHARED_DATA, serve_app, write_unigenbench_csv
 from PIL import Image
-from servers import serve_app
 
 from flowgrpo.chat import ChatConfig
 from flowgrpo.eval.benchmarks import (PRIMARY_DIMENSIONS, SUBDIMENSIONS, Benchmark, EvalError, load_benchmark,
@@ -243,8 +242,8 @@ def _fake_run(run: Path, items) -> None:
     assert load_manifest(run)["settings"]["model"] == "external:fake"
 
 
-@needs_data
-def test_scoring_run_writes_outputs_and_resumes(tmp_path, items):
+def test_scoring_run_writes_outputs_and_resumes(tmp_path):
+    items = load_unigenbench_csv(write_unigenbench_csv(tmp_path / "prompts.csv"))
     subset = [items[0], dataclasses.replace(items[1], prompt="MALFORMED " + items[1].prompt)]
     run = tmp_path / "run"
     _fake_run(run, subset)
