@@ -68,7 +68,7 @@ def test_clean_prediction_image_is_x_minus_sigma_v_of_the_last_step(tiny_policy)
 
 
 def test_trainer_scores_the_clean_prediction(tiny_shapes_model, tmp_path, monkeypatch):
-    from test_trainer import make_cfg
+    from helpers import make_cfg
 
     import flowgrpo.trainer as trainer_module
     from flowgrpo.rewards import as_uint8_images
@@ -180,7 +180,7 @@ def test_ratio_loss_uses_each_samples_own_step():
 
 
 def test_per_sample_trains_and_resumes_exactly(tiny_shapes_model, tmp_path):
-    from test_trainer import assert_same_checkpoint, make_cfg
+    from helpers import assert_same_checkpoint, make_cfg
 
     from flowgrpo.runlog import read_metrics
     from flowgrpo.trainer import train

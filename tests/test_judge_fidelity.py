@@ -2,7 +2,7 @@
 temperature), the lenient official answer parsers beside the strict ones, prompt templates
 read from a user's file and sent verbatim, UniGenBench's official answer format with
 first-block semantics, fresh single-turn retries and --testpoints for the Aug-2025 CSV.
-Everything talks to real loopback servers (tests/servers.py)."""
+Everything talks to real loopback servers (tests/helpers/servers.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from helpers import SYNTHETIC_UNIGENBENCH_ROWS, serve_app, write_unigenbench_csv
+from helpers import SYNTHETIC_UNIGENBENCH_ROWS, write_unigenbench_csv
+from helpers.servers import chat_app, serve_app
 from PIL import Image
 
 from flowgrpo.chat import ChatConfig
@@ -31,25 +30,6 @@ from flowgrpo.rewards.vlm_judge import (TIE_ANSWER, VLMJudge, parse_flex, parse_
                                         parse_think_official)
 
 GOOD = "<think>both fine</think><answer>Image 1 is better</answer>"
-
-
-def chat_app(answer):
-    """A chat server that logs every request body and answers answer(text, n), where text is
-    the request's text part and n how often that exact text was asked before (1 = first)."""
-    app, log, seen = FastAPI(), [], collections.Counter()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        log.append(body)
-        text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
-        seen[text] += 1
-        reply = answer(text, seen[text], body)
-        if isinstance(reply, int):
-            return JSONResponse({"error": {"message": "scripted failure"}}, status_code=reply)
-        return {"choices": [{"message": {"role": "assistant", "content": reply}}]}
-
-    return app, log
 
 
 def payload(part: dict) -> tuple[str, bytes]:

@@ -1,5 +1,5 @@
 """Qwen-Image and FLUX.2 through the `flowgrpo` command line, on the tiny random pipelines of
-tests/test_qwen_flux2.py: `preprocess` then `train` on a copy of the model folder whose text
+tests/helpers/qwen_flux2.py: `preprocess` then `train` on a copy of the model folder whose text
 encoder is deleted (the cache serves every prompt), the training variants a user combines
 (full fine-tuning, CPS, a Fast window, KL, the awm / nft / reward_filtered / supervised
 objectives), `export` (LoRA fused or copied, a full fine-tune swapped in), `sample` and
@@ -12,16 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
+from helpers.qwen_flux2 import (GUIDANCE, PAIR, PROMPTS, RECIPES, SIZES, build_models, ode_images, pipeline_class,
+                                  pipeline_images, tiny_overrides, write_prompts)
 from PIL import Image
 from safetensors.torch import load_file
 
 from flowgrpo.models import load_policy
 from flowgrpo.runlog import read_metrics
-from test_qwen_flux2 import (GUIDANCE, PAIR, PROMPTS, RECIPES, ROOT, SIZES, models, ode_images,  # noqa: F401
-                               pipeline_class, pipeline_images, tiny_overrides, write_prompts)
 
 NAMES = ["qwen_image", "flux2"]
 SHAPES_PROMPTS = ["a photo of a red circle", "a photo of a blue square"]  # the shapes renderer's grammar
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return build_models(tmp_path_factory.mktemp("new_backends"))
 
 
 def cli(*args) -> None:

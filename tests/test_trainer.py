@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_checkpoint, make_cfg, tiny_overrides
 from safetensors.torch import load_file
 
 from flowgrpo.config import ConfigError, load_config
@@ -15,27 +16,6 @@ from flowgrpo.train_config import TrainConfig, validate
 from flowgrpo.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(model: Path, out: Path, steps: int = 2) -> list[str]:
-    return [f"model.path={model}", "model.lora.rank=4", "model.lora.alpha=8", "sample.num_steps=4",
-            "sample.group_size=4", "sample.prompts_per_step=2", "sample.batch_size=8", "sample.guidance=2.0",
-            "optim.train_batch_size=8", f"optim.steps={steps}", "optim.lr=0.01", "optim.clip_range=0.2",
-            "optim.kl_beta=0.04", "run.eval_before=false", "run.tensorboard=false", "data.test=",
-            f"run.output_dir={out}", "reward.weights={jpeg_compressibility: 1.0, shapes_partial: 0.5}"]
-
-
-def make_cfg(model, out, steps=2, extra=()):
-    return validate(load_config(TrainConfig, None, tiny_overrides(model, out, steps) + list(extra)))
-
-
-def assert_same_checkpoint(run_a: Path, run_b: Path, step: int, name: str = "trainable.safetensors") -> None:
-    """The file `name` of both runs' checkpoint at `step` holds the same tensors, bit for bit."""
-    a = load_file(run_a / "checkpoints" / f"ckpt-{step:06d}" / name)
-    b = load_file(run_b / "checkpoints" / f"ckpt-{step:06d}" / name)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_two_iterations_ratio_one_kl_zero_and_lora_changes(tiny_shapes_model, tmp_path):

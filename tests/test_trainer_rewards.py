@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from flowgrpo.runlog import read_metrics
 from flowgrpo.trainer import train
-from test_trainer import make_cfg
+from helpers import make_cfg
 
 
 def test_pairwise_winrate_training_iteration_mixed_by_advantage(tiny_shapes_model, tmp_path):

@@ -1,29 +1,22 @@
-"""What several test files share: tiny models and training configs, and loopback servers.
+"""What several test files share. Test modules import from here, never from each other.
 
-Test modules import from here, never from each other (a test module imported by another
-would have its tests collected twice under some runners, and its helpers live nowhere obvious).
+    helpers            paths, the tiny shapes model, training configs for it, checkpoints,
+                       UniGenBench prompt rows of our own
+    helpers.servers    loopback HTTP servers: any ASGI app, a scripted chat-completions server
+    helpers.pipelines  tiny random SD3 and FLUX.1 pipelines of the real diffusers classes
+    helpers.qwen_flux2 tiny random Qwen-Image and FLUX.2 pipelines and what their tests share
 """
 
 from __future__ import annotations
 
-import base64
-import collections
-import contextlib
-import inspect
-import io
-import socket
-import threading
-import time
+import json
 from pathlib import Path
-from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 SHARED_DATA = ROOT.parent / "shared" / "data"  # benchmark prompt files beside the checkout (CI has them)
-SHIPPED_MODEL = ROOT / "assets" / "shapes-sd3"
 
 
 # ---- tiny models and training configs --------------------------------------------------------
@@ -35,11 +28,12 @@ def tiny_arch():
                               text_hidden=16, text_layers=2, text_projection=8)
 
 
-def build_tiny_shapes_model(root: Path) -> Path:
-    """A randomly initialised (seed 0) tiny shapes model saved as a diffusers folder under root."""
+def build_tiny_shapes_model(root: Path, arch=None) -> Path:
+    """A randomly initialised (seed 0) shapes-architecture model (`arch`, default tiny_arch())
+    saved as a diffusers folder under root."""
     from flowgrpo.worlds.shapes.model import build_pipeline, save_pipeline
 
-    pipe = build_pipeline(tiny_arch(), root / "tok", seed=0)
+    pipe = build_pipeline(arch or tiny_arch(), root / "tok", seed=0)
     return save_pipeline(pipe, root / "model", {"max_sequence_length": 1, "resolution": 16, "guidance": 2.0})
 
 
@@ -68,32 +62,21 @@ def assert_same_checkpoint(run_a: Path, run_b: Path, step: int, name: str = "tra
         assert torch.equal(a[k], b[k]), k
 
 
-# ---- loopback servers ----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def trained_policy(model: Path, run: Path, rank: int, alpha: int, targets=(), init="gaussian"):
+    """The policy exactly as the trainer held it at the end of `run` (its final checkpoint)."""
+    from flowgrpo.models import load_policy
+    from flowgrpo.models.sd3 import LoraSpec
 
-
-@contextlib.contextmanager
-def serve_app(app, port: int | None = None) -> Iterator[str]:
-    """Yield the base URL (http://127.0.0.1:PORT) while the ASGI `app` serves in a thread; stop it afterwards."""
-    import uvicorn
-
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 10
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    policy = load_policy(str(model))
+    policy.add_lora(LoraSpec(rank, alpha, init, list(targets)))
+    ckpt = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
+    tensors = load_file(ckpt / "trainable.safetensors")
+    params = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
+    assert params.keys() == tensors.keys()
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    return policy
 
 
 # ---- UniGenBench prompt rows written for the tests ----------------------------------------------
@@ -112,8 +95,6 @@ SYNTHETIC_UNIGENBENCH_ROWS = [
 
 
 def unigenbench_csv_row(key: str, prompt: str, testpoints: list[str], descriptions: list[str]) -> str:
-    import json
-
     dims = json.dumps({"Testpoints": testpoints, "Testpoint Description": descriptions}).replace('"', '""')
     return f'{key},"{prompt}","{dims}"'
 
