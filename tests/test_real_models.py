@@ -1,7 +1,6 @@
 """SD3 (three text encoders, true CFG) and FLUX.1 (packed latents, guidance embedding) policies
 on tiny random pipelines (tests/helpers/pipelines.py), saved, and loaded back the way users load real ones."""
 
-import json
 import os
 import subprocess
 import sys
