@@ -14,7 +14,7 @@ from flowgrpo.config import load_config
 from flowgrpo.train_config import TrainConfig, validate
 from flowgrpo.trainer import train
 
-GATE_MARGIN = 0.15  # about 5 standard deviations of the evaluation's noise (0.032, docs/testing.md)
+GATE_MARGIN = 0.10  # about 3 standard deviations of the evaluation's noise (0.032, docs/testing.md)
 GATE_OVERRIDES = [
     "data.train_tags=[colors]", "data.test=shapes:train", "data.test_tags=[colors]",
     "sample.prompts_per_step=8", "sample.group_size=4", "sample.batch_size=32", "optim.train_batch_size=32",
