@@ -28,7 +28,7 @@ ONE_STEP = ["sample.prompts_per_step=4", "sample.batch_size=16", "optim.train_ba
 OBJECTIVE = {
     "ratio": [],
     "awm": ["optim.policy_loss=awm", "sample.kind=ode"],
-    "nft": ["optim.policy_loss=nft", "sample.kind=ode", "optim.nft_beta=0.5"],
+    "nft": ["optim.policy_loss=nft", "sample.kind=ode", "sample.guidance=1.0", "optim.nft_beta=0.5"],
     "reward_filtered": ["optim.policy_loss=reward_filtered", "sample.kind=ode", "optim.rf_select=above_mean"],
     "supervised": ["optim.policy_loss=supervised", "sample.kind=ode"],
 }
