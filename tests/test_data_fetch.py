@@ -4,7 +4,7 @@ in the recipes' layout, and a changed or cut file is refused with a one-line err
 import shutil
 
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
 from flowgrpo import data_fetch
 from flowgrpo.cli import main

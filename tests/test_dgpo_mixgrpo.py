@@ -14,7 +14,7 @@ from flowgrpo.runlog import read_metrics
 from flowgrpo.sampling import window_start
 from flowgrpo.train_config import TrainConfig, validate
 from flowgrpo.trainer import Trainer, train
-from test_trainer import make_cfg
+from helpers import make_cfg
 
 
 def sigmoid(x: float) -> float:

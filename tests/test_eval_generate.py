@@ -8,45 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from helpers.pipelines import build_sd3_without_t5
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from flowgrpo.eval.benchmarks import EvalError, load_benchmark
 from flowgrpo.eval.generate import generate, image_seed, load_manifest
 from flowgrpo.eval.report import report
 from flowgrpo.eval.score import score
-from flowgrpo.worlds.shapes.model import write_word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    """A randomly initialised SD3 pipeline (16 px, no VAE downsampling, two 1-layer CLIPs, no T5)."""
-    root = tmp_path_factory.mktemp("tiny_sd3")
-    torch.manual_seed(0)
-    tok = write_word_tokenizer(root / "tokenizer", max_length=16)
-
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=16, projection_dim=8, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16, mid_block_add_attention=False,
-                        scaling_factor=1.0, shift_factor=0.0)
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=4, in_channels=4, out_channels=4, num_layers=1,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=4)
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-                                    vae=vae, text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(),
-                                    tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
-    folder = root / "model"
-    pipe.save_pretrained(folder)
-    (folder / "flowgrpo_defaults.json").write_text(json.dumps({"max_sequence_length": 1}))
-    return str(folder)
+    return str(build_sd3_without_t5(tmp_path_factory.mktemp("tiny_sd3")))
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -186,7 +159,7 @@ def test_ocr_run_is_scored_with_the_ocr_reward(tmp_path):
 def test_geneval_run_scored_through_a_reward_server(tmp_path):
     """GenEval's path end to end: the `geneval` client reward against a real loopback reward
     server running the shapes world's GenEval scorer. Rendered scenes pass, blank ones fail."""
-    from servers import serve_app
+    from helpers.servers import serve_app
 
     from flowgrpo.rewards import make_reward
     from flowgrpo.rewards.server import create_app

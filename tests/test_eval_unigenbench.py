@@ -4,9 +4,7 @@ aggregation against published numbers, the judge against a real loopback server,
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import io
 import json
 import re
 import shutil
@@ -15,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
-from fastapi import FastAPI, Request
+from helpers import SHARED_DATA, write_unigenbench_csv
+from helpers.servers import chat_app, request_images, serve_app
 from PIL import Image
-from servers import serve_app
 
 from flowgrpo.chat import ChatConfig
 from flowgrpo.eval.benchmarks import (PRIMARY_DIMENSIONS, SUBDIMENSIONS, Benchmark, EvalError, load_benchmark,
@@ -176,32 +173,23 @@ def test_overall_is_unweighted_mean_of_primaries_and_failures_counted():
 
 # ---- the judge against a real server ------------------------------------------------------------
 def _judge_app(log: list):
-    app = FastAPI()
+    """A UniGenBench judge that logs (prompt, turns, image size, model) per request."""
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        first = body["messages"][0]["content"]
-        text = next(p["text"] for p in first if p["type"] == "text")
-        url = next(p["image_url"]["url"] for p in first if p["type"] == "image_url")
-        png = base64.b64decode(url.split(",", 1)[1])
-        size = Image.open(io.BytesIO(png)).size
-        n = len(re.findall(r"^\d+\. ", text, re.M))
+    async def answer(text, n, body):
+        n_points = len(re.findall(r"^\d+\. ", text, re.M))
         prompt = re.search(r"<prompt>(.*?)</prompt>", text, re.S).group(1)
+        size = request_images(body)[0].shape[1::-1]
         log.append({"prompt": prompt, "turns": len(body["messages"]), "size": size, "model": body["model"]})
-        good = "<analysis>[" + ", ".join(['"seen"'] * n) + "]</analysis>\n<score>[" + ", ".join(
-            str(i % 2) for i in range(n)) + "]</score>"
         if "SLOW" in prompt:
             await asyncio.sleep(2.0)
         if "MALFORMED" in prompt:
-            answer = "The image looks fine to me."
-        elif "WRONG" in prompt and len(body["messages"]) == 1:
-            answer = "<score>[" + ", ".join(["1"] * (n + 1)) + "]</score>"
-        else:
-            answer = good
-        return {"choices": [{"message": {"role": "assistant", "content": answer}}]}
+            return "The image looks fine to me."
+        if "WRONG" in prompt and len(body["messages"]) == 1:
+            return "<score>[" + ", ".join(["1"] * (n_points + 1)) + "]</score>"
+        return "<analysis>[" + ", ".join(['"seen"'] * n_points) + "]</analysis>\n<score>[" + ", ".join(
+            str(i % 2) for i in range(n_points)) + "]</score>"
 
-    return app
+    return chat_app(answer)[0]
 
 
 def _png(path: Path, color=(200, 30, 30), size=16) -> Path:
@@ -243,8 +231,8 @@ def _fake_run(run: Path, items) -> None:
     assert load_manifest(run)["settings"]["model"] == "external:fake"
 
 
-@needs_data
-def test_scoring_run_writes_outputs_and_resumes(tmp_path, items):
+def test_scoring_run_writes_outputs_and_resumes(tmp_path):
+    items = load_unigenbench_csv(write_unigenbench_csv(tmp_path / "prompts.csv"))
     subset = [items[0], dataclasses.replace(items[1], prompt="MALFORMED " + items[1].prompt)]
     run = tmp_path / "run"
     _fake_run(run, subset)

@@ -169,7 +169,7 @@ def test_results_do_not_depend_on_the_batch_size(tiny_shapes_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory) -> Path:
-    from test_real_models import build_sd3
+    from helpers.pipelines import build_sd3
 
     return build_sd3(tmp_path_factory.mktemp("headroom_sd3") / "sd3")
 

@@ -2,7 +2,7 @@
 temperature), the lenient official answer parsers beside the strict ones, prompt templates
 read from a user's file and sent verbatim, UniGenBench's official answer format with
 first-block semantics, fresh single-turn retries and --testpoints for the Aug-2025 CSV.
-Everything talks to real loopback servers (tests/servers.py)."""
+Everything talks to real loopback servers (tests/helpers/servers.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from helpers import SYNTHETIC_UNIGENBENCH_ROWS, write_unigenbench_csv
+from helpers.servers import chat_app, serve_app
 from PIL import Image
-from servers import serve_app
 
 from flowgrpo.chat import ChatConfig
 from flowgrpo.eval.benchmarks import Benchmark, EvalError, load_unigenbench_csv
@@ -31,28 +29,7 @@ from flowgrpo.rewards import RewardError, make_reward
 from flowgrpo.rewards.vlm_judge import (TIE_ANSWER, VLMJudge, parse_flex, parse_flex_official, parse_think,
                                         parse_think_official)
 
-CSV = SHARED_DATA / "unigenbench" / "test_prompts_en.csv"
-needs_data = pytest.mark.skipif(not CSV.is_file(), reason=f"UniGenBench CSV not at {CSV}")
 GOOD = "<think>both fine</think><answer>Image 1 is better</answer>"
-
-
-def chat_app(answer):
-    """A chat server that logs every request body and answers answer(text, n), where text is
-    the request's text part and n how often that exact text was asked before (1 = first)."""
-    app, log, seen = FastAPI(), [], collections.Counter()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        log.append(body)
-        text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
-        seen[text] += 1
-        reply = answer(text, seen[text], body)
-        if isinstance(reply, int):
-            return JSONResponse({"error": {"message": "scripted failure"}}, status_code=reply)
-        return {"choices": [{"message": {"role": "assistant", "content": reply}}]}
-
-    return app, log
 
 
 def payload(part: dict) -> tuple[str, bytes]:
@@ -345,36 +322,29 @@ def test_fresh_single_turn_retries_up_to_the_official_count(tmp_path):
 
 
 # ---- --testpoints --------------------------------------------------------------------------------------
-def _aug_variant(tmp_path: Path) -> Path:
-    """The shipped (Oct-2025) CSV with index 428's Logical Reasoning testpoint restored, as in
-    the Aug-2025 file (the description here is a stand-in written for this test)."""
-    out = []
-    for line in CSV.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.startswith("428,"):
-            assert '""Testpoints"": [""Style""]' in line
-            line = line.replace('""Testpoints"": [""Style""]', '""Testpoints"": [""Style"", ""Logical Reasoning""]')
-            line = line.replace('""Testpoint Description"": [""Pixar animation style""]',
-                                '""Testpoint Description"": [""Pixar animation style"", ""STAND-IN""]')
-        out.append(line)
-    path = tmp_path / "test_prompts_en_aug2025.csv"
-    path.write_text("".join(out), encoding="utf-8")
-    return path
+def _aug_variant(tmp_path: Path) -> tuple[Path, Path]:
+    """Prompt rows in the shipped (Oct-2025) file's layout, and the same rows with index 428's
+    Logical Reasoning testpoint restored, as the Aug-2025 file has it."""
+    rows = [list(r) for r in SYNTHETIC_UNIGENBENCH_ROWS]
+    oct_csv = write_unigenbench_csv(tmp_path / "test_prompts_en.csv", rows)
+    assert rows[2][0] == "428" and rows[2][2] == ["Style"]
+    rows[2] = ["428", rows[2][1], ["Style", "Logical Reasoning"], rows[2][3] + ["STAND-IN"]]
+    return oct_csv, write_unigenbench_csv(tmp_path / "test_prompts_en_aug2025.csv", rows)
 
 
-@needs_data
 def test_testpoints_option_scores_against_the_aug_2025_file(tmp_path, capsys):
     from flowgrpo.cli import main
 
-    aug = _aug_variant(tmp_path)
-    oct_items, aug_items = load_unigenbench_csv(CSV), load_unigenbench_csv(aug)
-    assert sum(len(i.metadata["testpoints"]) for i in oct_items) == 1813
-    assert sum(len(i.metadata["testpoints"]) for i in aug_items) == 1814
+    csv, aug = _aug_variant(tmp_path)
+    oct_items, aug_items = load_unigenbench_csv(csv), load_unigenbench_csv(aug)
+    assert sum(len(i.metadata["testpoints"]) for i in oct_items) + 1 == sum(len(i.metadata["testpoints"])
+                                                                           for i in aug_items)
     items = [i for i in oct_items if i.key in ("0", "428")]
     run = tmp_path / "run"
     run.mkdir()
     for it in items:
         _png(run / f"{it.key}_0.png", seed=int(it.key))
-    adopt(Benchmark("unigenbench", str(CSV), items, 1), run, images_per_prompt=1, label="fake")
+    adopt(Benchmark("unigenbench", str(csv), items, 1), run, images_per_prompt=1, label="fake")
 
     def answer(prompt, n, body):
         k = len(re.findall(r"^\d+\. ", body["messages"][0]["content"][1]["text"], re.M))
@@ -390,8 +360,7 @@ def test_testpoints_option_scores_against_the_aug_2025_file(tmp_path, capsys):
         second = json.loads((run / "scores" / "unigenbench" / "scores.json").read_text())
         shown = capsys.readouterr().out
         wrong = tmp_path / "wrong.csv"
-        wrong.write_text(aug.read_text(encoding="utf-8").replace("In Pixar animation style, a young detective",
-                                                                 "In Pixar animation style, an old detective"))
+        wrong.write_text(aug.read_text(encoding="utf-8").replace("a young sailor", "an old sailor"))
         assert main(base + ["--testpoints", str(wrong)]) == 2
     assert "another prompt than the run" in capsys.readouterr().err
     assert len(log) == 3  # the second pass asks only about the image whose testpoints changed

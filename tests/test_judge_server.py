@@ -9,7 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from servers import free_port, serve_app
+from helpers.servers import free_port, serve_app
 
 from flowgrpo.chat import image_part, text_part
 from flowgrpo.cli import main

@@ -11,33 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_cfg, trained_policy
 from PIL import Image
-from safetensors.torch import load_file
-from test_trainer import make_cfg
 
 from flowgrpo.cli import main
 from flowgrpo.data import load_prompts
 from flowgrpo.eval.shapes import evaluate_policy, sample_images
 from flowgrpo.models import load_policy
-from flowgrpo.models.sd3 import LoraSpec
 from flowgrpo.sampling import rollout
 from flowgrpo.trainer import train
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]
-
-
-def trained_policy(model: Path, run: Path, rank: int, alpha: int, targets=(), init="gaussian"):
-    """The policy exactly as the trainer held it at the end of `run` (its final checkpoint)."""
-    policy = load_policy(str(model))
-    policy.add_lora(LoraSpec(rank, alpha, init, list(targets)))
-    ckpt = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
-    tensors = load_file(ckpt / "trainable.safetensors")
-    params = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
-    assert params.keys() == tensors.keys()
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
-    return policy
 
 
 def velocities(policy, prompts, size, seed=0):

@@ -16,7 +16,7 @@ from flowgrpo.config import ConfigError, load_config
 from flowgrpo.runlog import read_metrics
 from flowgrpo.train_config import TrainConfig, validate
 from flowgrpo.trainer import Trainer, train
-from test_trainer import make_cfg
+from helpers import make_cfg
 
 # the recipe's NFT settings on the tiny model (4 sampler steps -> int(4 * 0.99) = 3 trained per image)
 OFFICIAL = ["optim.policy_loss=nft", "sample.kind=dpm2", "sample.guidance=1.0", "optim.adv_std=global",

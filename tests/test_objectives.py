@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_cfg
 from safetensors.torch import load_file
 
 from flowgrpo.algorithms.objectives import OBJECTIVES, swapped_in
@@ -18,7 +19,6 @@ from flowgrpo.config import ConfigError, load_config, save_config
 from flowgrpo.runlog import read_metrics
 from flowgrpo.train_config import TrainConfig, validate
 from flowgrpo.trainer import Trainer, train
-from test_trainer import make_cfg
 
 # the tiny run of each objective: everything but ratio samples with the deterministic ODE
 EXTRA = {

@@ -1,7 +1,6 @@
 """SD3 (three text encoders, true CFG) and FLUX.1 (packed latents, guidance embedding) policies
-on tiny random pipelines built here, saved, and loaded back the way users load real ones."""
+on tiny random pipelines (tests/helpers/pipelines.py), saved, and loaded back the way users load real ones."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
+from helpers.pipelines import MSL, PROMPTS, SIZE, build_flux, build_sd3
 from safetensors.torch import load_file
 
 from flowgrpo.config import load_config, save_config
@@ -18,98 +19,6 @@ from flowgrpo.runlog import read_metrics
 from flowgrpo.sampling import rollout
 from flowgrpo.train_config import TrainConfig, validate
 from flowgrpo.trainer import train
-
-ROOT = Path(__file__).resolve().parents[1]
-SIZE = 16  # pixels; both tiny VAEs keep the resolution (one block), so latents are 16x16 too
-MSL = 32  # T5 tokens
-PROMPTS = ["a red circle", "two blue squares", 'a sign that says "hi"', "a green triangle above a cat"]
-
-
-# ---- tiny pipelines ---------------------------------------------------------------------------
-def clip_tokenizer():
-    """Character-level CLIP BPE tokenizer from an in-memory vocabulary (no merges)."""
-    from transformers import CLIPTokenizer
-
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789\"'.,!?-"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-
-
-def t5_tokenizer():
-    """Unigram T5 tokenizer over single characters, from an in-memory vocabulary."""
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789\"'.,!?-"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
-def clip_encoder(tok, projection: bool, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, projection_dim=8,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
-
-
-def t5_encoder(tok, seed: int):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
-
-
-def tiny_vae(seed: int):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=8, sample_size=SIZE, mid_block_add_attention=False,
-                         scaling_factor=1.5, shift_factor=0.05)
-
-
-def build_sd3(folder: Path) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=16,
-                                        pos_embed_max_size=SIZE // 2)
-    ct, tt = clip_tokenizer(), t5_tokenizer()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(1),
-        text_encoder=clip_encoder(ct, True, 2), tokenizer=ct, text_encoder_2=clip_encoder(ct, True, 3),
-        tokenizer_2=ct, text_encoder_3=t5_encoder(tt, 4), tokenizer_3=tt)
-    pipe.save_pretrained(folder)
-    (folder / "flowgrpo_defaults.json").write_text(json.dumps({"max_sequence_length": MSL, "resolution": SIZE,
-                                                               "guidance": 3.0}))
-    return folder
-
-
-def build_flux(folder: Path) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=[2, 2, 4])
-    ct, tt = clip_tokenizer(), t5_tokenizer()
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                            base_image_seq_len=256, max_image_seq_len=4096)
-    text_encoder = clip_encoder(ct, False, 2)
-    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=tiny_vae(1), text_encoder=text_encoder,
-                        tokenizer=ct, text_encoder_2=t5_encoder(tt, 4), tokenizer_2=tt)
-    pipe.save_pretrained(folder)
-    (folder / "flowgrpo_defaults.json").write_text(json.dumps({"max_sequence_length": MSL, "resolution": SIZE}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +146,7 @@ def test_two_grpo_iterations_with_lora(trained, name):
     assert len(rows) == 2
     for m in rows:
         assert np.isfinite(m["train/policy_loss"])
-        assert m["train/max_ratio_dev_first"] < 1e-5  # recomputed log-probs equal the rollout's
+        assert m["train/max_ratio_dev_first"] == 0.0  # recomputed log-probs equal the rollout's
     lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at 0
     if name == "flux":  # feed-forward layers are LoRA targets too; timesteps: a random 60% of 4 -> 2
@@ -268,7 +177,7 @@ def test_saved_lora_reproduces_the_trained_policy(models, trained, name):
     """alpha 8 / rank 4: a plain `load_lora_weights`, with no scale, gives the velocities and
     images of the policy as the trainer held it (rebuilt from the final checkpoint's raw
     trained tensors), within 1e-6 in fp32."""
-    from test_lora_strength import trained_policy
+    from helpers import trained_policy
 
     cfg = tiny_recipe(name, models[name], trained[name], write_prompts(trained[name].parent), [])
     lora = cfg.model.lora
@@ -365,7 +274,7 @@ def test_full_finetune_flux_and_export_the_transformer(models, tmp_path):
                       ["model.lora.enabled=false", "optim.steps=1", "optim.lr=1e-3"])
     train(cfg)
     rows = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/policy_loss" in m]
-    assert len(rows) == 1 and rows[0]["train/max_ratio_dev_first"] < 1e-5
+    assert len(rows) == 1 and rows[0]["train/max_ratio_dev_first"] == 0.0
     assert (tmp_path / "run" / "model" / "transformer" / "config.json").is_file()
     out = tmp_path / "exported"
     assert main(["export", "--model", str(models["flux"]), "--transformer", str(tmp_path / "run" / "model"),
@@ -426,7 +335,7 @@ def test_two_processes_run_the_tiny_sd3_fast_recipe(models, tmp_path):
                                                                             "advantages-rank1.jsonl"]
     rows = [m for m in read_metrics(run / "metrics.jsonl") if "train/policy_loss" in m]
     assert len(rows) == 2 and all(np.isfinite(m["train/policy_loss"]) for m in rows)
-    assert all(m["train/max_ratio_dev_first"] < 1e-5 and m["train/timesteps"] == 2 for m in rows)
+    assert all(m["train/max_ratio_dev_first"] == 0.0 and m["train/timesteps"] == 2 for m in rows)
     lora = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())
 

@@ -124,7 +124,7 @@ def test_groups_are_judged_where_they_are_on_two_processes(tmp_path):
 
 
 def test_bench_with_a_served_reward_of_fixed_latency(tmp_path):
-    from servers import serve_app
+    from helpers.servers import serve_app
 
     from flowgrpo.bench import run_bench
     from flowgrpo.rewards import make_reward
@@ -141,7 +141,7 @@ def test_bench_with_a_served_reward_of_fixed_latency(tmp_path):
 
 
 def test_judge_server_bench_latency_answers_k_comparisons_at_once():
-    from servers import serve_app
+    from helpers.servers import serve_app
 
     from flowgrpo.rewards.judge_server import create_app
     from flowgrpo.rewards.pairwise import make_judge

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from servers import free_port, serve_app
+from helpers.servers import free_port, serve_app
 
 from flowgrpo.cli import build_parser
 from flowgrpo.rewards import Reward, RewardError, RewardOutput, make_reward

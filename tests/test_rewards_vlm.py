@@ -6,62 +6,45 @@ after the client's timeout) and "flaky" (503 the first time, then a score).
 """
 
 import asyncio
-import base64
-import io
 import re
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from PIL import Image
-from servers import serve_app
+from helpers.servers import chat_app, request_images, serve_app
 
 from flowgrpo.rewards import RewardError, make_reward
 from flowgrpo.rewards.vlm import parse_final_score
 
 
-def chat_app():
-    app = FastAPI()
-    app.state.seen = Counter()
-    app.state.images = []
+def caption_of(text: str) -> str:
+    return re.search(r"Caption: \[(.*)\]", text).group(1)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        parts = body["messages"][0]["content"]
-        url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
-        text = next(p["text"] for p in parts if p["type"] == "text")
-        caption = re.search(r"Caption: \[(.*)\]", text).group(1)
-        app.state.images.append((caption, np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))))))
-        app.state.seen[caption] += 1
+
+def vlm_app():
+    """The scripted scorer; app.state.images keeps (caption, image received) for every request."""
+    images = []
+
+    async def answer(text, n, body):
+        caption = caption_of(text)
+        images.append((caption, request_images(body)[0]))
         if caption.startswith("good-"):
-            answer = f"The objects match and the image is clean.\nFinal Score: {caption.split('-')[1]}"
-        elif caption == "bold":
-            answer = "Reasoning...\n**Final Score:** 4"
-        elif caption == "garbage":
-            answer = "What a lovely picture of something."
-        elif caption == "outofrange":
-            answer = "Final Score: 9"
-        elif caption == "slow":
+            return f"The objects match and the image is clean.\nFinal Score: {caption.split('-')[1]}"
+        if caption == "slow":
             await asyncio.sleep(1.5)
-            answer = "Final Score: 5"
-        elif caption == "flaky":
-            if app.state.seen[caption] == 1:
-                return JSONResponse({"error": "overloaded"}, status_code=503)
-            answer = "Final Score: 5"
-        else:
-            answer = "?"
-        return {"choices": [{"message": {"role": "assistant", "content": answer}}]}
+        if caption == "flaky" and n == 1:
+            return 503
+        return {"bold": "Reasoning...\n**Final Score:** 4", "garbage": "What a lovely picture of something.",
+                "outofrange": "Final Score: 9", "slow": "Final Score: 5", "flaky": "Final Score: 5"}.get(caption, "?")
 
+    app, _ = chat_app(answer, key=caption_of)
+    app.state.images = images
     return app
 
 
 @pytest.fixture(scope="module")
 def server():
-    app = chat_app()
+    app = vlm_app()
     with serve_app(app) as url:
         yield url, app
 
@@ -131,7 +114,7 @@ def test_503_then_success_is_retried(server):
 
 
 def test_no_server_at_all_is_a_counted_failure():
-    from servers import free_port
+    from helpers.servers import free_port
 
     reward = make_reward("vlm_score", base_url=f"http://127.0.0.1:{free_port()}/v1", timeout=0.5, max_retries=1,
                          backoff=0.01, fallback=0.0)

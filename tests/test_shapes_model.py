@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from conftest import tiny_arch
+from helpers import tiny_arch
 from flowgrpo.config import load_config
 from flowgrpo.models import load_policy
 from flowgrpo.worlds.shapes.grammar import vocabulary

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from flowgrpo.runlog import read_metrics
 from flowgrpo.trainer import train
-from test_trainer import make_cfg
+from helpers import make_cfg
 
 
 def test_pairwise_winrate_training_iteration_mixed_by_advantage(tiny_shapes_model, tmp_path):
@@ -20,7 +20,7 @@ def test_pairwise_winrate_training_iteration_mixed_by_advantage(tiny_shapes_mode
         # win rates average 0.5 in every group; the judge made G(G-1) calls per group (both orders)
         assert abs(m["reward/pref_winrate/mean"] - 0.5) < 1e-9
         assert m["reward/pref_winrate/judge_calls"] == 2 * 4 * 3
-        assert m["train/max_ratio_dev_first"] < 1e-5 and np.isfinite(m["train/policy_loss"])
+        assert m["train/max_ratio_dev_first"] == 0.0 and np.isfinite(m["train/policy_loss"])
 
 
 def test_adversarial_reward_trains_alongside_and_resumes(tiny_shapes_model, tmp_path):

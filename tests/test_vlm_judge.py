@@ -2,17 +2,11 @@
 good verdicts, garbage, missing <answer>, timeouts, 429 then success, the request format."""
 
 import asyncio
-import base64
-import collections
-import io
 import json
 
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from PIL import Image
-from servers import serve_app
+from helpers.servers import chat_app, decode_image, request_images, serve_app
 
 from flowgrpo.rewards import RewardError, make_reward, vlm_judge
 from flowgrpo.rewards.vlm_judge import VLMJudge, extract_caption, parse_flex, parse_think
@@ -21,34 +15,26 @@ THINK = ("<think>\n1. Semantic consistency:\n    Image 1 (8/10) - fine;\n    Ima
          "Total score:\nImage 1: 8=8\nImage 2: 6=6\n</think>\n<answer>{}</answer>")
 
 
-def decode(part):
-    url = part["image_url"]["url"]
-    assert url.startswith("data:image/png;base64,")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
-
-
 def fake_unifiedreward():
-    """A scripted judge: the caption picks the behaviour; 'brighter' looks at the images."""
-    app = FastAPI()
-    seen = collections.Counter()
-    log = []
+    """A scripted judge: the caption picks the behaviour; 'brighter' looks at the images.
+    Returns the app and its log of request bodies."""
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        log.append((body, dict(request.headers)))
-        caption, _ = extract_caption(body["messages"][0]["content"][2]["text"])
-        seen[caption] += 1
-        n = seen[caption]
+    async def answer(text, n, body):
+        caption, _ = extract_caption(text)
         if caption == "slow":
             await asyncio.sleep(0.8)
         if caption == "busy" and n <= 2:
-            return JSONResponse({"error": {"message": "rate limited"}}, status_code=429)
+            return 429
         if caption == "broken":
-            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+            return 500
         if caption == "rejected":
-            return JSONResponse({"error": {"message": "bad model"}}, status_code=400)
-        text = {
+            return 400
+        if caption == "brighter":
+            a, b = request_images(body)
+            if a.mean() == 0 or b.mean() == 0:
+                return "no idea"  # the judge cannot read black images: failures for those pairs
+            return THINK.format("Image 1 is better" if a.mean() > b.mean() else "Image 2 is better")
+        return {
             "pick one": THINK.format("Image 1 is better"),
             "pick two": THINK.format(" image 2 is better. "),
             "garbage": "Both pictures are lovely, I cannot decide.",
@@ -60,22 +46,15 @@ def fake_unifiedreward():
             "slow": THINK.format("Image 1 is better"),
             "flex": '```json\n{"prompt": "flex", "categories": [], "reason": "r", "winner": "Image 2"}\n```',
         }.get(caption)
-        if caption == "brighter":
-            a, b = (decode(p) for p in body["messages"][0]["content"][:2])
-            if a.mean() == 0 or b.mean() == 0:
-                text = "no idea"  # the judge cannot read black images: failures for those pairs
-            else:
-                text = THINK.format("Image 1 is better" if a.mean() > b.mean() else "Image 2 is better")
-        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
 
-    return app, seen, log
+    return chat_app(answer, key=lambda text: extract_caption(text)[0])
 
 
 @pytest.fixture(scope="module")
 def server():
-    app, seen, log = fake_unifiedreward()
+    app, log = fake_unifiedreward()
     with serve_app(app) as url:
-        yield url + "/v1", seen, log
+        yield url + "/v1", app.state.seen, log, app.state.headers
 
 
 def make_judge(url, **kw):
@@ -109,21 +88,23 @@ def test_parsers_are_strict():
 
 
 def test_good_verdicts_and_the_request_format(server):
-    url, _, log = server
+    url, _, log, headers = server
     a, b = pair(2)
     judge = make_judge(url, api_key="sekrit")
     res = judge.judge(["pick one", "pick two"], a, b)
     np.testing.assert_array_equal(res.probs, [1.0, 0.0])
     assert not res.failed.any()
     assert res.info["requests"] == 2 and res.info["parse_failures"] == 0 and res.info["reasks"] == 0
-    body, headers = next((bd, h) for bd, h in log if "「pick one」" in bd["messages"][0]["content"][2]["text"])
-    assert headers["authorization"] == "Bearer sekrit"
+    i = next(i for i, bd in enumerate(log) if "「pick one」" in bd["messages"][0]["content"][2]["text"])
+    body = log[i]
+    assert headers[i]["authorization"] == "Bearer sekrit"
     assert body["model"] == "UnifiedReward" and body["temperature"] == 0.0
     (msg,) = body["messages"]
     assert msg["role"] == "user"
     img1, img2, text = msg["content"]
-    np.testing.assert_array_equal(decode(img1), a[0])  # Image 1 first, lossless
-    np.testing.assert_array_equal(decode(img2), b[0])
+    assert all(p["image_url"]["url"].startswith("data:image/png;base64,") for p in (img1, img2))
+    np.testing.assert_array_equal(decode_image(img1), a[0])  # Image 1 first, lossless
+    np.testing.assert_array_equal(decode_image(img2), b[0])
     for needle in ("<think>", "<answer>", "Image 1 is better", "Image 2 is better", "1 to 10",
                    "Semantic consistency", "Aesthetics", "Authenticity"):
         assert needle in text["text"]
@@ -131,7 +112,7 @@ def test_good_verdicts_and_the_request_format(server):
 
 @pytest.mark.parametrize("caption", ["garbage", "no answer", "two answers", "fuzzy"])
 def test_garbage_is_retried_a_bounded_number_of_times_then_a_failure(server, caption):
-    url, seen, _ = server
+    url, seen, _, _ = server
     before = seen[caption]
     res = make_judge(url, parse_retries=2).judge([caption], *pair())
     assert res.failed.tolist() == [True] and res.probs[0] == 0.5
@@ -140,25 +121,25 @@ def test_garbage_is_retried_a_bounded_number_of_times_then_a_failure(server, cap
 
 
 def test_a_reask_at_higher_temperature_can_recover(server):
-    url, _, log = server
+    url, _, log, _ = server
     judge = make_judge(url, retry_temperature=0.9)
     res = judge.judge(["garbage once"], *pair())
     assert res.probs[0] == 0.0 and not res.failed[0]
     assert res.info["reasks"] == 1 and res.info["parse_failures"] == 0
-    temps = [bd["temperature"] for bd, _ in log if "「garbage once」" in bd["messages"][0]["content"][2]["text"]]
+    temps = [bd["temperature"] for bd in log if "「garbage once」" in bd["messages"][0]["content"][2]["text"]]
     assert temps == [0.0, 0.9]
     assert judge.last_failures == []
 
 
 def test_429_then_success(server):
-    url, _, _ = server
+    url, _, _, _ = server
     res = make_judge(url, max_retries=3).judge(["busy"], *pair())
     assert res.probs[0] == 1.0 and not res.failed[0]
     assert res.info["retries"] == 2 and res.info["http_failures"] == 0
 
 
 def test_timeouts_server_errors_and_rejections_are_failures_not_crashes(server):
-    url, seen, _ = server
+    url, seen, _, _ = server
     before = dict(seen)
     judge = make_judge(url, timeout=0.2, max_retries=1)
     res = judge.judge(["slow", "broken", "rejected", "pick one"], *pair(4))
@@ -172,15 +153,15 @@ def test_timeouts_server_errors_and_rejections_are_failures_not_crashes(server):
 
 
 def test_flex_format(server):
-    url, _, log = server
+    url, _, log, _ = server
     res = make_judge(url, format="flex").judge(["flex"], *pair())
     assert res.probs[0] == 0.0 and not res.failed[0]
-    text = next(bd for bd, _ in log if "Prompt: [flex]" in bd["messages"][0]["content"][2]["text"])
+    text = next(bd for bd in log if "Prompt: [flex]" in bd["messages"][0]["content"][2]["text"])
     assert '"winner"' in text["messages"][0]["content"][2]["text"]
 
 
 def test_win_rates_through_the_vlm_judge_count_failures_as_ties(server, monkeypatch):
-    url, _, _ = server
+    url, _, _, _ = server
     encoded = []
     real_encode = vlm_judge.image_to_data_url
     monkeypatch.setattr(vlm_judge, "image_to_data_url", lambda img, fmt: encoded.append(1) or real_encode(img, fmt))
