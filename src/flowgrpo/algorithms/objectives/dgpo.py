@@ -31,6 +31,7 @@ import contextlib
 import torch
 
 from ...models import index_condition
+from ...parallel import full_tensor
 from ..grpo import LossStats
 from .base import ForwardObjective, masked_mean, per_sample_mean, swapped_in
 
@@ -161,7 +162,9 @@ class DGPOObjective(ForwardObjective):
         self.updates += 1
 
     def after_iteration(self, iteration: int) -> dict:
-        gap = sum(float(((p.detach().float() - q) ** 2).sum()) for p, q in zip(self.services.params, self.old))
+        # full_tensor: under FSDP2 a sum over shards is a partial sum on each process until reduced
+        gap = sum(float(full_tensor(((p.detach().float() - q) ** 2).sum()))
+                  for p, q in zip(self.services.params, self.old))
         return {**self.info, "dgpo/old_distance": gap ** 0.5}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
