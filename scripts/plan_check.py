@@ -37,9 +37,14 @@ def build_random_sd3(folder: Path) -> Path:
     return save_pipeline(pipe, folder / "model", {"max_sequence_length": 1, "resolution": 32, "guidance": 1.0})
 
 
-def measure(config: str | None, overrides: list[str], out: Path) -> float:
-    """Peak resident bytes of `flowgrpo train` in a fresh process."""
-    code = ("import resource, sys; from flowgrpo.cli import main; rc = main(sys.argv[1:]); "
+def measure(config: str | None, overrides: list[str], out: Path) -> tuple[float, float]:
+    """Peak resident bytes of `flowgrpo train` in a fresh process, and its resident bytes once
+    the libraries are imported (the plan's CPU runtime row)."""
+    # the runtime row is read in the same process, after the imports and before the model
+    code = ("import resource, sys, torch, diffusers, transformers, peft, accelerate, flowgrpo.trainer; "
+            "from diffusers import StableDiffusion3Pipeline, FluxPipeline; "
+            "print('BASE', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True); "
+            "from flowgrpo.cli import main; rc = main(sys.argv[1:]); "
             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     if config is None:  # `flowgrpo train` reads a file: write the defaults plus overrides
         from flowgrpo.config import load_config, save_config
@@ -52,17 +57,19 @@ def measure(config: str | None, overrides: list[str], out: Path) -> float:
     res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(res.stderr[-2000:])
-    peak = [line for line in res.stdout.splitlines() if line.startswith("PEAK")][-1]
-    return float(peak.split()[1]) * 1024
+    read = {line.split()[0]: float(line.split()[1]) * 1024 for line in res.stdout.splitlines()
+            if line.startswith(("BASE", "PEAK"))}
+    return read["PEAK"], read["BASE"]
 
 
-def estimate(config: str | None, overrides: list[str]) -> float:
+def estimate(config: str | None, overrides: list[str], runtime: float | None = None) -> float:
     from flowgrpo.config import load_config
     from flowgrpo.plan import cpu_runtime_bytes, make_plan
     from flowgrpo.train_config import TrainConfig, validate
 
     cfg = validate(load_config(TrainConfig, config, overrides))
-    return make_plan(cfg, 1, 1e6, device="cpu", runtime_bytes=cpu_runtime_bytes()).total * 1e9
+    runtime = cpu_runtime_bytes() if runtime is None else runtime
+    return make_plan(cfg, 1, 1e6, device="cpu", runtime_bytes=runtime).total * 1e9
 
 
 def cases(tmp: Path) -> dict[str, tuple[str | None, list[str]]]:
@@ -80,8 +87,8 @@ def main() -> None:
         todo = {args.config: (args.config, args.overrides)} if args.config else cases(Path(tmp))
         print(f"{'case':<66}{'estimate GB':>12}{'measured GB':>12}{'ratio':>7}")
         for i, (name, (config, overrides)) in enumerate(todo.items()):
-            est = estimate(config, overrides)
-            got = measure(config, overrides, Path(tmp) / f"run{i}")
+            got, base = measure(config, overrides, Path(tmp) / f"run{i}")
+            est = estimate(config, overrides, base)
             print(f"{name:<66}{est / 1e9:>12.3f}{got / 1e9:>12.3f}{est / got:>7.2f}")
 
 
