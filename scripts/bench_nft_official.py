@@ -26,19 +26,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from side_by_side import clock, run_sides  # noqa: E402
 
-
-def clock() -> float:
-    """CPU seconds of this process: on a shared machine, unlike wall time, they do not count the
-    time other jobs hold the cores (run with --threads 1 so no thread spins while it waits)."""
-    return time.process_time()
 TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0",
            "attn.to_q", "attn.to_v"]
 
@@ -69,11 +64,6 @@ def flowgrpo_side(args):
         trainer.update(batch, adv, it)
         t3 = clock()
         yield t1 - t0, t2 - t1, t3 - t2
-
-
-def _means(rows) -> dict:
-    s, r, u = (float(np.mean(c)) for c in zip(*rows))
-    return {"sample_s": s, "reward_s": r, "update_s": u, "total_s": s + r + u}
 
 
 def official_side(args):
@@ -190,9 +180,6 @@ def official_side(args):
         yield t1 - t0, t2 - t1, t3 - t2
 
 
-START = time.perf_counter()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "assets" / "shapes-sd3"))
@@ -207,28 +194,7 @@ def main() -> None:
     sides = {"flowgrpo": flowgrpo_side(args)}
     if args.official:
         sides["official"] = official_side(args)
-    params = {name: next(gen) for name, gen in sides.items()}
-    times: dict[str, list] = {name: [] for name in sides}
-    # the sides alternate iteration by iteration, so a shared machine's load falls on both alike;
-    # the first iteration of each warms up and is not counted
-    for it in range(args.iterations + 1):
-        for name, gen in sides.items():
-            row = next(gen)
-            if it:
-                times[name].append(row)
-    print(f"{args.prompts} prompts x {args.group} images, micro-batch {args.batch}, {args.iterations} timed "
-          f"iterations (alternating), {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("CPU seconds an iteration:")
-    print("| code | LoRA parameters | sampling | reward | update | total / iteration |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name in sides:
-        r = _means(times[name])
-        print(f"| {name} | {params[name]:,} | {r['sample_s']:.2f} s | {r['reward_s']:.2f} s | "
-              f"{r['update_s']:.2f} s | {r['total_s']:.2f} s |")
-    if args.official:
-        ratio = [sum(a) / sum(b) for a, b in zip(times["flowgrpo"], times["official"])]
-        print(f"flowgrpo / official, per iteration pair: {', '.join(f'{x:.2f}' for x in ratio)}")
-    print(f"{time.perf_counter() - START:.0f} s wall in all")
+    run_sides(sides, args.iterations, f"{args.prompts} prompts x {args.group} images, micro-batch {args.batch}")
 
 
 if __name__ == "__main__":

@@ -447,3 +447,65 @@ def test_bench_counts_trained_steps_without_the_excluded_last_step():
     window = ["sample.window_size=2", "sample.window_start_range=[0,8]"]
     assert count(*window) == 2 and count(*window, "optim.timestep_exclude_last=true") == 1
     assert count("sample.window_size=2", "sample.window_start_range=[0,3]", "optim.timestep_exclude_last=true") == 2
+
+
+# ---- the unconditional branch of CFG training velocities ---------------------------------
+
+def _lora_policy(model):
+    from flowgrpo.models import load_policy
+    from flowgrpo.models.sd3 import LoraSpec
+
+    policy = load_policy(str(model))
+    policy.add_lora(LoraSpec(rank=4, alpha=4, targets=["attn.to_q", "attn.to_v"]))
+    with torch.no_grad():  # LoRA B starts at 0: give the adapter a gradient path through A too
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    return policy
+
+
+def _grads(policy, fn):
+    params = [p for p in policy.transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    fn().backward()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def test_cfg_training_gradient_flows_through_the_prompt_branch_alone_by_default(tiny_shapes_model):
+    """The Flow-GRPO reference detaches the unconditional half of its CFG training forward: the
+    value is unchanged and the gradient is g times that of the conditional velocity alone."""
+    policy = _lora_policy(tiny_shapes_model)
+    cond = policy.encode_prompts(["a photo of a red circle", "a photo of two blue squares"])
+    neg = {k: v.expand(2, *v.shape[1:]) for k, v in policy.encode_prompts([""]).items()}
+    x = torch.randn(2, *policy.latent_shape(16, 16), generator=torch.Generator().manual_seed(0))
+    w = torch.randn_like(x)
+    g = 4.5
+    detached = policy.velocity(x, 0.6, cond, neg, g)
+    both = policy.velocity(x, 0.6, cond, neg, g, uncond_grad=True)
+    assert torch.equal(detached, both)  # the forward is the same batched pass
+    grad_detached = _grads(policy, lambda: (w * policy.velocity(x, 0.6, cond, neg, g)).sum())
+    grad_both = _grads(policy, lambda: (w * policy.velocity(x, 0.6, cond, neg, g, uncond_grad=True)).sum())
+    grad_text = _grads(policy, lambda: (w * policy.velocity(x, 0.6, cond)).sum())
+    grad_uncond = _grads(policy, lambda: (w * policy.velocity(x, 0.6, neg)).sum())
+    torch.testing.assert_close(grad_detached, g * grad_text, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_both, g * grad_text + (1 - g) * grad_uncond, rtol=1e-4, atol=1e-6)
+    assert (grad_both - grad_detached).abs().max() > 1e-3 * grad_detached.abs().max()
+
+
+def test_trainer_passes_cfg_uncond_grad_to_the_policy(tiny_shapes_model, tmp_path, monkeypatch):
+    from flowgrpo.trainer import Trainer
+
+    from helpers import tiny_overrides
+
+    seen = []
+    for flag in (False, True):
+        cfg = validate(load_config(TrainConfig, None, tiny_overrides(tiny_shapes_model, tmp_path / str(flag))
+                                   + ["sample.guidance=3.0", f"optim.cfg_uncond_grad={str(flag).lower()}"]))
+        trainer = Trainer(cfg)
+        real = trainer.policy.velocity
+        monkeypatch.setattr(trainer.policy, "velocity",
+                            lambda *a, **k: (seen.append(k.get("uncond_grad")), real(*a, **k))[1])
+        x = torch.randn(1, *trainer.policy.latent_shape(16, 16))
+        trainer.velocity(x, 0.5, trainer.policy.encode_prompts(["a photo of a red circle"]))
+    assert seen == [False, True]

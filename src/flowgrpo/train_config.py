@@ -159,6 +159,9 @@ class OptimConfig:
     # forward objectives (awm, nft, dgpo, reward_filtered, supervised): the CFG scale of the velocities
     # the loss trains; None = sample.guidance. DGPO samples with CFG 4.5 and trains at 1.0
     train_guidance: Optional[float] = None
+    # CFG training velocities: also backpropagate through the unconditional branch. false: it is
+    # detached, as the Flow-GRPO reference trains (the gradient reaches the weights through the prompt)
+    cfg_uncond_grad: bool = False
     # nft trains on clean samples from a deterministic sampler (DiffusionNFT: dpm2); true lets it
     # train on stochastic rollouts (sample.kind flow_sde / cps) on purpose
     nft_stochastic_rollouts: bool = False

@@ -336,7 +336,7 @@ class Trainer:
         if self.negative is not None:  # the unconditional embedding broadcast to the batch
             neg = {k: v.expand(len(x), *v.shape[1:]) for k, v in self.negative.items()}
         with self.policy.reference() if reference else contextlib.nullcontext():
-            return self.policy.velocity(x, sigma, cond, neg, g)
+            return self.policy.velocity(x, sigma, cond, neg, g, uncond_grad=o.cfg_uncond_grad)
 
     # ---- evaluation and saving -------------------------------------------------------------
     @contextlib.contextmanager

@@ -37,8 +37,10 @@ class Policy(Protocol):
         """num_steps + 1 noise levels from 1 down to 0, shifted as the model's scheduler does."""
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Condition,
-                 negative: Condition | None = None, guidance: float = 1.0) -> torch.Tensor:
-        """Predicted velocity, classifier-free guided when `negative` is given and guidance != 1."""
+                 negative: Condition | None = None, guidance: float = 1.0,
+                 uncond_grad: bool = False) -> torch.Tensor:
+        """Predicted velocity, classifier-free guided when `negative` is given and guidance != 1
+        (`guided`: the gradient flows through the unconditional branch only with `uncond_grad`)."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], shape (B, 3, H, W), float32."""
@@ -58,6 +60,16 @@ class Policy(Protocol):
 
     def shard_units(self, module: torch.nn.Module | None = None) -> list[torch.nn.Module]:
         """The transformer's blocks: one FSDP2 sharding unit each."""
+
+
+def guided(uncond: torch.Tensor, text: torch.Tensor, guidance: float, uncond_grad: bool = False) -> torch.Tensor:
+    """Classifier-free guidance, uncond + g (text - uncond). Without `uncond_grad` the
+    unconditional branch is detached, as the Flow-GRPO reference trains (train_sd3.py): the
+    values are the same, only a loss's gradient differs (it reaches the weights through the
+    conditional branch alone, scaled by g, instead of g through one and 1 - g through the other)."""
+    if not uncond_grad:
+        uncond = uncond.detach()
+    return uncond + guidance * (text - uncond)
 
 
 @contextlib.contextmanager

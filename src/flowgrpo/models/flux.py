@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .base import guided
 from .diffusers_policy import DiffusersPolicy
 from .sd3 import ModelLoadError
 
@@ -128,7 +129,8 @@ class FluxPolicy(DiffusersPolicy):
         sched.set_timesteps(num_steps, device="cpu", sigmas=base, **kw)
         return sched.sigmas.float()
 
-    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0) -> torch.Tensor:
+    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0,
+                 uncond_grad: bool = False) -> torch.Tensor:
         b, _, h, w = latents.shape
         true_cfg = not self.guidance_embeds and negative is not None and guidance != 1.0
         x = pack_latents(latents.to(self.dtype))
@@ -151,7 +153,7 @@ class FluxPolicy(DiffusersPolicy):
             img_ids=image_ids(h // 2, w // 2, x.device, self.dtype), return_dict=False)[0]
         if true_cfg:
             uncond, text = out.chunk(2)
-            out = uncond + guidance * (text - uncond)
+            out = guided(uncond, text, guidance, uncond_grad)
         return unpack_latents(out, h, w)
 
     @torch.no_grad()

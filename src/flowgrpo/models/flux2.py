@@ -142,7 +142,9 @@ class Flux2Policy(DiffusersPolicy):
         sched.set_timesteps(num_steps, device="cpu", sigmas=base, **kw)
         return sched.sigmas.float()
 
-    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0) -> torch.Tensor:
+    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0,
+                 uncond_grad: bool = False) -> torch.Tensor:
+        # embedded guidance: one pass, no unconditional branch for uncond_grad to act on
         b, _, h, w = latents.shape
         x = tokens(latents.to(self.dtype))
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Condition
+from .base import Condition, guided
 from .diffusers_policy import DiffusersPolicy
 from .flux import flux_mu, pack_latents, unpack_latents
 from .sd3 import ModelLoadError
@@ -115,7 +115,8 @@ class QwenImagePolicy(DiffusersPolicy):
         sched.set_timesteps(num_steps, device="cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kw)
         return sched.sigmas.float()
 
-    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0) -> torch.Tensor:
+    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0,
+                 uncond_grad: bool = False) -> torch.Tensor:
         b, _, h, w = latents.shape
         true_cfg = negative is not None and guidance != 1.0
         x = pack_latents(latents.to(self.dtype))
@@ -134,7 +135,7 @@ class QwenImagePolicy(DiffusersPolicy):
                                   return_dict=False)[0]
         if true_cfg:
             text, uncond = out.chunk(2)
-            comb = uncond + guidance * (text - uncond)
+            comb = guided(uncond, text, guidance, uncond_grad)
             out = comb * (torch.norm(text, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
         return unpack_latents(out, h, w)
 

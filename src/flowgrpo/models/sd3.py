@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Condition
+from .base import Condition, guided
 from .diffusers_policy import DiffusersPolicy
 
 # Attention projections of both MMDiT streams: the Flow-GRPO reference's LoRA targets.
@@ -112,7 +112,8 @@ class SD3Policy(DiffusersPolicy):
         sched.set_timesteps(num_steps, device="cpu")
         return sched.sigmas.float()
 
-    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0) -> torch.Tensor:
+    def velocity(self, latents, sigma, cond, negative=None, guidance: float = 1.0,
+                 uncond_grad: bool = False) -> torch.Tensor:
         use_cfg = negative is not None and guidance != 1.0
         x = latents.to(self.dtype)
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
@@ -128,7 +129,7 @@ class SD3Policy(DiffusersPolicy):
                                   timestep=(sig * 1000).to(self.dtype), return_dict=False)[0]
         if use_cfg:
             uncond, text = out.chunk(2)
-            out = uncond + guidance * (text - uncond)
+            out = guided(uncond, text, guidance, uncond_grad)
         return out
 
     @torch.no_grad()
