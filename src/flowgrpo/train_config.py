@@ -195,6 +195,9 @@ class RunConfig:
     eval_every: int = 0  # iterations between held-out evaluations (0 = only before and after)
     eval_before: bool = True  # evaluate the base model first (the "before" column)
     eval_images_per_prompt: int = 8  # 52 shapes test prompts x 8 = 416 images per evaluation
+    # > 0: about this many images per tag instead, spread over its prompts: the overall averages
+    # tags, so a tag of 2 test prompts gets the precision of one of 34 (shapes: 2 vs 34 prompts)
+    eval_images_per_tag: int = 0
     eval_steps: int = 20  # ODE steps at evaluation (SD3.5: 40)
     eval_solver: str = "ode"  # deterministic sampler at evaluation: ode (Euler) or dpm2 (DGPO evaluates with it)
     eval_guidance: Optional[float] = None  # None: same as sample.guidance
@@ -292,6 +295,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if o.train_guidance is not None and OBJECTIVES[o.policy_loss].needs_sde:
         raise ConfigError(f"optim.train_guidance with optim.policy_loss {o.policy_loss}: the ratio scores the "
                           "sampler's own steps, so it trains at sample.guidance; remove optim.train_guidance")
+    if cfg.run.eval_images_per_prompt < 1 or cfg.run.eval_images_per_tag < 0:
+        raise ConfigError(f"run.eval_images_per_prompt must be >= 1 and run.eval_images_per_tag >= 0 (0: off), got "
+                          f"{cfg.run.eval_images_per_prompt} and {cfg.run.eval_images_per_tag}")
     if cfg.run.eval_solver not in AFTER_WINDOW:
         raise ConfigError(f"run.eval_solver must be one of {', '.join(AFTER_WINDOW)}, got {cfg.run.eval_solver!r}")
     if s.window_schedule not in ("random", "progressive"):

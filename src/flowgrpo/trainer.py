@@ -429,22 +429,25 @@ def timed(fn, *args):
 def evaluate(trainer: Trainer, tag: str) -> dict:
     """Held-out evaluation (EMA weights when EMA is on), split over every process
     (eval/held_out.py); every process must call it, every process gets the table."""
-    from .eval.held_out import evaluate_held_out
+    from .eval.held_out import evaluate_held_out, images_per_tag
     from .runlog import image_grid
 
     cfg, acc = trainer.cfg, trainer.acc
     if not trainer.test_items:
         return {}
+    per = (images_per_tag(trainer.test_items, cfg.run.eval_images_per_tag) if cfg.run.eval_images_per_tag > 0
+           else cfg.run.eval_images_per_prompt)
     with trainer.evaluation_weights():
         result = evaluate_held_out(
-            trainer.policy, trainer.test_items, images_per_prompt=cfg.run.eval_images_per_prompt,
+            trainer.policy, trainer.test_items, images_per_prompt=per,
             steps=cfg.run.eval_steps, guidance=cfg.run.eval_guidance or cfg.sample.guidance,
             resolution=trainer.resolution, seed=cfg.run.seed + 777, batch_size=cfg.run.eval_batch_size,
             rewards=trainer.held_out_rewards, accelerator=acc, solver=cfg.run.eval_solver)
     if acc.is_main_process:
         out = Path(cfg.run.output_dir) / "grids"
         out.mkdir(parents=True, exist_ok=True)
-        image_grid(np.concatenate(result.grid_images), cfg.run.eval_images_per_prompt, result.grid_prompts,
+        shown = min(len(g) for g in result.grid_images)  # a row a prompt: as many as the fewest have
+        image_grid(np.concatenate([g[:shown] for g in result.grid_images]), shown, result.grid_prompts,
                    scale=3).save(out / f"eval-{tag}.png")
     return result.table
 

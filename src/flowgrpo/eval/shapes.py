@@ -20,8 +20,11 @@ from ..worlds.shapes.grammar import HELD_OUT_BINDINGS, bindings
 from ..worlds.shapes.verify import detect, score
 
 
-def image_seeds(n_prompts: int, per_prompt: int, seed: int) -> list[int]:
-    return [seed * 1_000_003 + i * 1_009 + j for i in range(n_prompts) for j in range(per_prompt)]
+def image_seeds(n_prompts: int, per_prompt: int | list[int], seed: int) -> list[int]:
+    """The seed of image j of prompt i (`per_prompt`: one count for all, or each prompt's own):
+    it depends on (seed, i, j) alone, so a prompt's first images are the same at any count."""
+    counts = [per_prompt] * n_prompts if isinstance(per_prompt, int) else list(per_prompt)
+    return [seed * 1_000_003 + i * 1_009 + j for i in range(n_prompts) for j in range(counts[i])]
 
 
 @torch.no_grad()
