@@ -103,10 +103,18 @@ def test_divergence_fires_soon_after_gold_turns():
     assert fired and peak < fired[0] <= peak + 12, fired
 
 
-def batch_of(images, group_size=4):
+def noise_latents(rng, n, scale=1.0):
+    """(n, 3, 4, 8, 8) trajectories whose images' RMS norms spread as a base's do (0.8 to 1.2)."""
+    per_image = rng.uniform(0.8, 1.2, (n, 1, 1, 1, 1)) * scale
+    return torch.as_tensor(rng.normal(size=(n, 3, 4, 8, 8)) * per_image, dtype=torch.float32)
+
+
+def batch_of(images, group_size=4, latents=None):
     n = len(images)
+    if latents is None:  # fresh noise each batch, seeded by its images: a steady latent norm
+        latents = noise_latents(np.random.default_rng(int(images.sum())), n)
     return SimpleNamespace(images=images, group_ids=torch.arange(n) // group_size, prompts=[""] * n,
-                           metadata=[{}] * n)
+                           metadata=[{}] * n, latents=latents)
 
 
 def blobs(rng, n, brightness=0.0):
@@ -150,6 +158,30 @@ def test_drift_alarm_names_the_statistic_that_moved():
     hacked = [blobs(rng, 16) for _ in range(4)] + [np.clip(blobs(rng, 16) + grid[None, :, :, None], 0, 255)
                                                    .astype(np.uint8) for _ in range(4)]
     assert "drift/high_freq" in run_images(monitor(), hacked)
+
+
+def test_latent_norm_drift_fires_when_latents_grow_and_not_on_noise():
+    rng = np.random.default_rng(6)
+    mon = monitor()
+    for it in range(30):  # steady images, fresh noise latents: nothing moves
+        assert mon.observe(batch_of(blobs(rng, 16), latents=noise_latents(rng, 16)), {"reward/mean": 0.5}, it) == []
+    # the final latents' norm growing 5% an iteration after the base's 5: only this alarm, by iteration 12
+    fired, messages = {}, []
+    mon = monitor()
+    for it in range(20):
+        lat = noise_latents(rng, 16, scale=1 + 0.05 * max(0, it - 4))
+        for a in mon.observe(batch_of(blobs(rng, 16), latents=lat), {"reward/mean": 0.5}, it):
+            fired.setdefault(a.name, []).append(it)
+            messages.append(a.message)
+    print("latent_norm drift first fired at iteration", fired.get("drift/latent_norm", [None])[0])
+    assert set(fired) == {"drift/latent_norm"} and fired["drift/latent_norm"][0] <= 12, fired
+    assert messages[0].startswith("latent_norm drift (RMS of the final latents): batch mean 1.")
+    # only the final state counts: the noise states before it may be anything
+    lat = noise_latents(rng, 16)
+    lat[:, :-1] *= 100
+    stats = {"reward/mean": 0.5}
+    monitor().observe(batch_of(blobs(rng, 16), latents=lat), stats, 0)
+    assert 0.9 < stats["monitor/drift/latent_norm"] < 1.1
 
 
 def test_amplification_alarm_has_a_threshold():
@@ -200,7 +232,7 @@ def test_no_alarm_on_a_short_unhacked_shapes_run(tmp_path):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     alarms = {k for r in rows for k in r if k.startswith("alarm/")}
     assert {"alarm/divergence", "alarm/diversity", "alarm/amplification",
-            "alarm/drift/brightness", "alarm/drift/high_freq"} <= alarms
+            "alarm/drift/brightness", "alarm/drift/high_freq", "alarm/drift/latent_norm"} <= alarms
     fired = {(r["step"], k) for r in rows for k in alarms if r.get(k)}
     assert not fired, fired
 
@@ -227,6 +259,7 @@ def test_two_processes_log_the_gold_and_monitors_of_one(tiny_shapes_model, tmp_p
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = read_metrics(one / "metrics.jsonl")[0], read_metrics(two / "metrics.jsonl")[0]
     keys = [k for k in a if k.startswith(("gold/", "monitor/"))]
-    assert {"gold/shapes_partial", "gold/pref_winrate", "gold/total", "monitor/diversity/spread"} <= set(keys)
+    assert {"gold/shapes_partial", "gold/pref_winrate", "gold/total", "monitor/diversity/spread",
+            "monitor/drift/latent_norm"} <= set(keys)
     for k in keys:
         assert b[k] == pytest.approx(a[k], abs=1e-6), k

@@ -11,7 +11,8 @@ which adds
   - diversity: the within-group spread of downsampled images against the base's (the first
     iterations'): a group collapsing to one picture;
   - drift/<stat>: brightness, saturation and high-frequency energy (grid artefacts, noise)
-    of the batch against the base's, in the base's per-image standard deviations;
+    of the batch's images, and the RMS norm of the final latents the images are decoded from,
+    against the base's, in the base's per-image standard deviations;
   - amplification: the advantage amplification (adv/amplification) above a threshold.
 
 Every process computes the same values from gathered data, so all agree on when to stop. The
@@ -29,7 +30,10 @@ from .rewards import make_reward
 
 MONITOR_NAME = "hacking_monitor"  # its part of a checkpoint: reward_hacking_monitor.safetensors
 FEATURE_SIZE = 8  # images are compared as FEATURE_SIZE x FEATURE_SIZE RGB thumbnails
-DRIFT_STATS = ("brightness", "saturation", "high_freq")
+# the drifting statistics, with what each measures (for the alarm messages)
+DRIFT_STATS = {"brightness": "mean luminance", "saturation": "mean saturation",
+               "high_freq": "share of spectral energy above half Nyquist",
+               "latent_norm": "RMS of the final latents"}
 
 
 @dataclass
@@ -83,6 +87,16 @@ def image_stats(images: np.ndarray) -> dict[str, np.ndarray]:
     total = spec.sum(axis=(1, 2))
     hf = np.where(total > 0, (spec * high).sum(axis=(1, 2)) / np.maximum(total, 1e-12), 0.0)
     return {"brightness": lum.mean(axis=(1, 2)), "saturation": sat.mean(axis=(1, 2)), "high_freq": hf}
+
+
+def latent_norms(latents: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 on the CPU: the RMS over all entries of each trajectory's final state
+    (`latents` is (B, N + 1, *latent)), the sample the images are decoded from (or, when they
+    decode the last clean prediction, that plus the last step's noise). A policy pushed off the
+    data manifold (saturated, high-contrast images) grows it before pixels clip; computed on the
+    latents' device, so only B numbers leave it."""
+    final = latents[:, -1].flatten(1).float()
+    return final.pow(2).mean(1).sqrt().cpu().double()
 
 
 def group_spread(features: np.ndarray, group_ids: np.ndarray) -> float:
@@ -197,7 +211,7 @@ class HackingMonitor:
     def _images(self, batch, stats: dict) -> list[Alarm]:
         m = self.cfg.monitor
         feats = torch.as_tensor(thumbnails(batch.images))
-        st = image_stats(batch.images)
+        st = {**image_stats(batch.images), "latent_norm": latent_norms(batch.latents)}
         local = torch.cat([feats, torch.stack([torch.as_tensor(st[k]) for k in DRIFT_STATS], 1),
                            batch.group_ids[:, None].double()], 1)
         if self.acc.num_processes > 1:
@@ -227,8 +241,9 @@ class HackingMonitor:
             stats[f"monitor/drift/{name}_sd"] = z
             stats[f"alarm/drift/{name}"] = float(abs(z) > m.drift_sd)
             if abs(z) > m.drift_sd:
-                alarms.append(Alarm(f"drift/{name}", f"{name} drift: batch mean {now:.3f} vs the base's {base:.3f}, "
-                                                     f"{z:+.2f} base SDs (threshold {m.drift_sd:g})"))
+                alarms.append(Alarm(f"drift/{name}", f"{name} drift ({DRIFT_STATS[name]}): batch mean {now:.3f} "
+                                                     f"vs the base's {base:.3f}, {z:+.2f} base SDs "
+                                                     f"(threshold {m.drift_sd:g})"))
         return alarms
 
     def _amplification(self, stats: dict) -> list[Alarm]:

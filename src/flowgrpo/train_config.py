@@ -231,8 +231,9 @@ class MonitorConfig:
     divergence_z: float = 3.0  # see window; 3 SE keeps false alarms on white noise below 1 in 1000 checks
     # diversity collapse: within-group spread of 8x8 downsampled images as a share of the base's; fires below this
     diversity_ratio: float = 0.35
-    # image-statistic drift (brightness, saturation, high-frequency energy): |batch mean - base mean| in
-    # units of the base's per-image standard deviation; fires above this (1.5 fired on an unhacked 16-image shapes run)
+    # image-statistic drift (brightness, saturation, high-frequency energy, RMS norm of the final latents):
+    # |batch mean - base mean| in units of the base's per-image standard deviation; fires above this
+    # (1.5 fired on an unhacked 16-image shapes run)
     drift_sd: float = 2.0
     # advantage amplification (adv std / within-group reward std, Pref-GRPO's illusory advantage): fires above
     # this; 0 = off. Group normalisation of tiny reward gaps into unit advantages is what gets hacked
