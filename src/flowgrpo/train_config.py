@@ -214,6 +214,11 @@ class RunConfig:
     eval_rewards: dict[str, float] = field(default_factory=dict)
     gold_every: int = 1  # iterations between gold-reward scorings (reward.gold); a costly judge may want 5-10
     stop_on_alarm: bool = False  # end the run (checkpoint and final weights written, resumable) when an alarm fires
+    # Budgets in process CPU seconds of the training iterations (sampling, rewards, update; evaluation not
+    # counted), the main process's: a shared machine slows the wall clock, not the CPU time a run needs.
+    # end the run (evaluated, checkpointed, final weights written) once its iterations used this many CPU-minutes (0 = off)
+    max_cpu_minutes: float = 0.0
+    eval_every_cpu_minutes: float = 0.0  # a held-out evaluation each time the iterations' CPU time passes a multiple of this (0 = off)
 
 
 @dataclass
@@ -403,6 +408,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not r.weights:
         raise ConfigError("reward.weights is empty: name at least one reward, e.g. {shapes_partial: 1.0}")
     m = cfg.monitor
+    if cfg.run.max_cpu_minutes < 0 or cfg.run.eval_every_cpu_minutes < 0:
+        raise ConfigError(f"run.max_cpu_minutes and run.eval_every_cpu_minutes must be >= 0 (0: off), got "
+                          f"{cfg.run.max_cpu_minutes} and {cfg.run.eval_every_cpu_minutes}")
     if cfg.run.gold_every < 1:
         raise ConfigError(f"run.gold_every must be >= 1 (iterations between gold scorings), got {cfg.run.gold_every}")
     if m.window < 3 or m.base_iterations < 1 or m.smooth < 1:

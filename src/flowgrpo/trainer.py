@@ -419,6 +419,24 @@ def lr_factor(o, iteration: int) -> float:
     return o.lr_min_ratio + (1.0 - o.lr_min_ratio) * shape
 
 
+def cpu_marks(run, before: float, after: float) -> tuple[bool, bool]:
+    """(evaluate, stop) after an iteration moved the training CPU clock from `before` to `after`
+    seconds: an evaluation each time a multiple of run.eval_every_cpu_minutes is passed, the end
+    once run.max_cpu_minutes is reached."""
+    every = 60.0 * run.eval_every_cpu_minutes
+    evaluate = every > 0 and math.floor(after / every) > math.floor(before / every)
+    return evaluate, run.max_cpu_minutes > 0 and after >= 60.0 * run.max_cpu_minutes
+
+
+def main_process_value(acc, value: float) -> float:
+    """The main process's `value` on every process: what is decided on it must agree everywhere."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast
+
+    return float(broadcast(torch.tensor([value], dtype=torch.float64, device=acc.device)).item())
+
+
 def timed(fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -510,6 +528,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
     bar = tqdm(range(start, end), initial=start, total=cfg.optim.steps, disable=not acc.is_main_process,
                desc=f"train {cfg.optim.policy_loss}", dynamic_ncols=True)
     for it in bar:
+        cpu, wall = time.process_time(), time.perf_counter()
         do_gen, do_disc = trainer.phase(it)
         batch, t_sample = timed(trainer.sample, it)
         (adv, stats), t_reward = timed(trainer.score, batch)
@@ -522,8 +541,17 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         stats.update({"time/sample": t_sample, "time/reward": t_reward, "time/update": t_update,
                       "lr": trainer.optimizer.param_groups[0]["lr"]})
         alarms = trainer.monitor.observe(batch, stats, it)  # after the update: nothing it scores reaches it
+        # the iteration's cost (this process's threads, the reward pipeline's included; evaluation not counted)
+        stats["time/cpu"], stats["time/wall"] = time.process_time() - cpu, time.perf_counter() - wall
+        clock_before = summary.get("train_cpu_seconds", 0.0)
+        clock = clock_before + stats["time/cpu"]
+        if run.max_cpu_minutes or run.eval_every_cpu_minutes:
+            clock = main_process_value(acc, clock)
+        summary["train_cpu_seconds"] = clock  # kept in checkpoints: a resumed run continues its clock
+        cpu_eval, cpu_stop = cpu_marks(run, clock_before, clock)
         trainer.step = it + 1
-        if run.eval_every and (it + 1) % run.eval_every == 0 and it + 1 < cfg.optim.steps:
+        due = run.eval_every and (it + 1) % run.eval_every == 0 or cpu_eval
+        if due and it + 1 < cfg.optim.steps and not cpu_stop:  # the end's evaluation comes after the loop
             table = evaluate(trainer, f"{it + 1:05d}")
             if table:
                 stats.update(eval_stats(table))
@@ -550,8 +578,11 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         if alarms and run.stop_on_alarm:  # every process saw the same alarms (monitors.py): all stop here
             summary["stopped_by_alarm"] = {"iteration": it + 1, "alarms": [a.message for a in alarms]}
             break
+        if cpu_stop:  # every process holds the main process's clock: all stop here
+            summary["stopped_by_cpu_budget"] = {"iteration": it + 1, "cpu_seconds": clock}
+            break
     acc.wait_for_everyone()
-    if trainer.step >= cfg.optim.steps:
+    if trainer.step >= cfg.optim.steps or "stopped_by_cpu_budget" in summary:
         table = evaluate(trainer, "after")
         if table:
             summary["after"] = table
