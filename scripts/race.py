@@ -12,6 +12,7 @@ held-out evaluations, every --eval-every-cpu-minutes, are not counted). Two stag
   finals   the best setting with --seeds (fresh seeds: the search seed picked the winner and would
            flatter it), for --budget-cpu-minutes
 
+    python scripts/race.py measure                     # CPU s an iteration and an evaluation (minutes)
     python scripts/race.py plan                        # the runs and their cost; trains nothing
     python scripts/race.py run --workers 16            # both stages; finished runs are reused
     python scripts/race.py run --objectives nft_demo flow_grpo --workers 4
@@ -44,9 +45,6 @@ TARGET = 0.10  # held-out gain over the base the race times
 MARKS = (10.0, 60.0)  # CPU-minutes at which accuracy is compared
 ITERATION_CAP = 100_000  # optim.steps: the CPU budget ends every run long before
 SAVE_EVERY = 20  # iterations between checkpoints (a resumed run repeats at most these)
-# CPU seconds of one held-out evaluation of the demo (7 prompts x 32 images, 20 Euler steps, one
-# thread), measured on the development machine by `python scripts/race.py measure` (see plan)
-EVAL_CPU_SECONDS = float("nan")
 RIVAL = "flow_grpo"  # the speed-ups are against it
 
 
@@ -460,6 +458,8 @@ def figure(data: dict[str, list[dict]], path: Path) -> Path:
             m, h = banded(recs, axis, grid)
             ax.plot(grid, m, color=f"C{i % 10}", label=f"{OBJECTIVES[o].label} ({len(recs)})")
             ax.fill_between(grid, m - h, m + h, color=f"C{i % 10}", alpha=0.15)
+        base = np.mean([r["evals"][0]["overall"] for recs in data.values() for r in recs])
+        ax.axhline(base + TARGET, color="k", ls=":", lw=1, label=f"base + {TARGET:.2f}")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out strict accuracy (20-step ODE)")
     axes[0].legend(fontsize=7)
@@ -488,8 +488,49 @@ def report(records: list[dict], budget: float, search_seed: int, search_budget: 
     return "\n".join(parts)
 
 
-# ---- plan --------------------------------------------------------------------------------------
-def plan(objectives: list[str], seeds: list[int], budget: float, search_budget: float, eval_every: float) -> str:
+# ---- cost --------------------------------------------------------------------------------------
+def measure(objectives: list[str], iterations: int, extra: list[str]) -> dict:
+    """CPU seconds of one training iteration of each objective (its first setting; the mean over
+    the iterations after the first, which warms caches) and of one held-out evaluation, measured
+    in this process on one thread, one at a time; added to RUNS/cost.json for `plan`."""
+    import time
+
+    import torch
+
+    from flowgrpo.config import load_config
+    from flowgrpo.runlog import read_metrics
+    from flowgrpo.train_config import TrainConfig, validate
+    from flowgrpo.trainer import Trainer, evaluate, train
+
+    torch.set_num_threads(1)
+    old = RUNS / "cost.json"  # objectives measured before are kept
+    cost: dict = json.loads(old.read_text()) if old.exists() else {"per_iteration": {}}
+    cost["iterations"] = iterations
+    for o in objectives:
+        run = Run(o, next(iter(OBJECTIVES[o].grid)), 0, 60.0)
+        out = RUNS / "cost" / o
+        over = [*run.overrides(5.0, []), f"run.output_dir={out}", f"optim.steps={iterations}", "run.max_cpu_minutes=0",
+                "run.eval_every_cpu_minutes=0", "run.eval_before=false", "data.test=", "run.save_every=0", *extra]
+        train(validate(load_config(TrainConfig, ROOT / CONFIG, over)))
+        cpu = [r["time/cpu"] for r in read_metrics(out / "metrics.jsonl") if "time/cpu" in r]
+        cost["per_iteration"][o] = float(np.mean(cpu[1:] or cpu))
+        print(f"{o}: {cost['per_iteration'][o]:.2f} CPU s an iteration ({', '.join(f'{c:.2f}' for c in cpu)})",
+              flush=True)
+    cfg = validate(load_config(TrainConfig, ROOT / CONFIG, [*Run(objectives[0], next(iter(OBJECTIVES[objectives[0]].grid)),
+                                                                 0, 60.0).overrides(5.0, []),
+                                                            f"run.output_dir={RUNS / 'cost' / 'eval'}", *extra]))
+    trainer = Trainer(cfg)
+    start = time.process_time()
+    evaluate(trainer, "cost")
+    cost["evaluation"] = time.process_time() - start
+    print(f"one held-out evaluation: {cost['evaluation']:.1f} CPU s", flush=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    (RUNS / "cost.json").write_text(json.dumps(cost, indent=1))
+    return cost
+
+
+def plan(objectives: list[str], seeds: list[int], budget: float, search_budget: float, eval_every: float,
+         cost: dict | None = None) -> str:
     n_search = sum(len(OBJECTIVES[o].grid) for o in objectives)
     n_final = len(objectives) * len(seeds)
     train_h = (n_search * search_budget + n_final * budget) / 60
@@ -497,22 +538,28 @@ def plan(objectives: list[str], seeds: list[int], budget: float, search_budget: 
     evals = n_search * (math.ceil(search_budget / eval_every) + 1) + n_final * (math.ceil(budget / eval_every) + 1)
     lines = [f"{n_search} search runs x {search_budget:g} CPU-min + {n_final} final runs x {budget:g} CPU-min: "
              f"{train_h:.1f} CPU-hours of training, {evals:.0f} held-out evaluations"]
-    if np.isfinite(EVAL_CPU_SECONDS):
-        lines.append(f"evaluations: {evals * EVAL_CPU_SECONDS / 3600:.1f} CPU-hours; total "
-                     f"{train_h + evals * EVAL_CPU_SECONDS / 3600:.1f} CPU-hours")
+    if cost:
+        eval_h = evals * cost["evaluation"] / 3600
+        lines.append(f"evaluations at {cost['evaluation']:.0f} CPU s each (measured): {eval_h:.1f} CPU-hours; "
+                     f"total {train_h + eval_h:.1f} CPU-hours, {(train_h + eval_h) / 16:.1f} hours on 16 cores")
+    else:
+        lines.append("evaluation cost unknown: python scripts/race.py measure")
     for o in objectives:
-        lines.append(f"  {o}: {', '.join(OBJECTIVES[o].grid)} ({OBJECTIVES[o].why})")
+        per = (cost or {}).get("per_iteration", {}).get(o)
+        its = f"; {per:.1f} CPU s an iteration: {60 * budget / per:.0f} iterations in {budget:g} min" if per else ""
+        lines.append(f"  {o}: {', '.join(OBJECTIVES[o].grid)} ({OBJECTIVES[o].why}){its}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     global RECORDS, RUNS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["run", "report", "plan"])
+    ap.add_argument("action", choices=["run", "report", "plan", "measure"])
     ap.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
     ap.add_argument("--budget-cpu-minutes", type=float, default=60.0, help="training CPU time of a final run")
     ap.add_argument("--search-budget-cpu-minutes", type=float, default=30.0, help="of a search run")
-    ap.add_argument("--eval-every-cpu-minutes", type=float, default=5.0)
+    ap.add_argument("--eval-every-cpu-minutes", type=float, default=2.5,
+                    help="held-out evaluations this far apart in training CPU time (about 19 CPU s each)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="of the finals")
     ap.add_argument("--search-seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="runs at a time, one CPU thread each")
@@ -521,11 +568,15 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", default=str(RUNS))
     ap.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "race.png"))
     ap.add_argument("--in-process", action="store_true", help="train in this process (tests; --workers 1)")
+    ap.add_argument("--iterations", type=int, default=3, help="measure: iterations an objective")
     args = ap.parse_args(argv)
     RECORDS, RUNS = Path(args.records), Path(args.runs)
-    if args.action == "plan":
+    if args.action == "measure":
+        measure(args.objectives, args.iterations, args.set)
+    elif args.action == "plan":
+        cost = json.loads((RUNS / "cost.json").read_text()) if (RUNS / "cost.json").exists() else None
         print(plan(args.objectives, args.seeds, args.budget_cpu_minutes, args.search_budget_cpu_minutes,
-                   args.eval_every_cpu_minutes))
+                   args.eval_every_cpu_minutes, cost))
     elif args.action == "run":
         schedule(args.objectives, args.search_seed, args.search_budget_cpu_minutes, args.seeds,
                  args.budget_cpu_minutes, args.eval_every_cpu_minutes, args.set, args.workers, args.in_process)

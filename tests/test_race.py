@@ -113,7 +113,8 @@ def test_the_race_runs_both_stages_and_reports_on_the_tiny_model(race, tiny_shap
                                              grid={"lr1e-3": ("optim.lr=1e-3",), "lr1e-2": ("optim.lr=1e-2",)}),
              "flow_grpo": dataclasses.replace(race.OBJECTIVES["flow_grpo"], grid={"lr1e-2": ("optim.lr=1e-2",)})}
     monkeypatch.setattr(race, "OBJECTIVES", small)
-    over = [o for o in tiny(tiny_shapes_model, tmp_path) if not o.startswith("run.output_dir")] + ["optim.steps=3"]
+    over = [o for o in tiny(tiny_shapes_model, tmp_path) if not o.startswith(("run.output_dir", "optim.lr="))]
+    over += ["optim.steps=3"]  # --set comes last: the grid keeps its learning rates
     args = ["--objectives", "nft_demo", "flow_grpo", "--budget-cpu-minutes", "1", "--search-budget-cpu-minutes",
             "0.5", "--eval-every-cpu-minutes", "1e-9", "--seeds", "1", "--records", str(tmp_path / "records"),
             "--runs", str(tmp_path / "runs"), "--figure", str(tmp_path / "race.png"), "--set", *over]
@@ -137,6 +138,15 @@ def test_the_race_runs_both_stages_and_reports_on_the_tiny_model(race, tiny_shap
     text = race.report(race.load_records(tmp_path / "records"), 1, 0, 0.5, tmp_path / "race.png")
     assert "| NFT, the demo's settings |" in text and "| Flow-GRPO (ratio, flow_sde) |" in text
     assert (tmp_path / "race.png").exists()
+    # the cost of the full race: CPU seconds an iteration and an evaluation, then the plan built on them
+    race.main(["measure", "--objectives", "nft_demo", "--iterations", "2", "--runs", str(tmp_path / "runs"),
+               "--set", *over])
+    cost = json.loads((tmp_path / "runs" / "cost.json").read_text())
+    assert cost["per_iteration"]["nft_demo"] > 0 and cost["evaluation"] > 0
+    text = race.plan(["nft_demo", "flow_grpo"], [1, 2, 3], 60.0, 30.0, 2.5, cost)
+    # 3 search runs x 30 + 6 finals x 60 CPU-minutes; evaluations before, every 2.5 and at the end
+    assert text.startswith("3 search runs x 30 CPU-min + 6 final runs x 60 CPU-min: 7.5 CPU-hours of training, "
+                           f"{3 * 13 + 6 * 25} held-out evaluations")
 
 
 # ---- the report's arithmetic -------------------------------------------------------------------

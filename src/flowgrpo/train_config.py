@@ -214,11 +214,11 @@ class RunConfig:
     eval_rewards: dict[str, float] = field(default_factory=dict)
     gold_every: int = 1  # iterations between gold-reward scorings (reward.gold); a costly judge may want 5-10
     stop_on_alarm: bool = False  # end the run (checkpoint and final weights written, resumable) when an alarm fires
-    # Budgets in process CPU seconds of the training iterations (sampling, rewards, update; evaluation not
-    # counted), the main process's: a shared machine slows the wall clock, not the CPU time a run needs.
-    # end the run (evaluated, checkpointed, final weights written) once its iterations used this many CPU-minutes (0 = off)
+    # end the run (evaluated, checkpointed, final weights written) once its iterations have used this many
+    # CPU-minutes: the main process's CPU time in sampling, rewards and update, evaluation not counted; unlike
+    # wall time it leaves out the time other processes hold the cores (0 = off)
     max_cpu_minutes: float = 0.0
-    eval_every_cpu_minutes: float = 0.0  # a held-out evaluation each time the iterations' CPU time passes a multiple of this (0 = off)
+    eval_every_cpu_minutes: float = 0.0  # a held-out evaluation each time that CPU time passes a multiple of this (0 = off)
 
 
 @dataclass
