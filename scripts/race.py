@@ -516,9 +516,9 @@ def measure(objectives: list[str], iterations: int, extra: list[str]) -> dict:
         cost["per_iteration"][o] = float(np.mean(cpu[1:] or cpu))
         print(f"{o}: {cost['per_iteration'][o]:.2f} CPU s an iteration ({', '.join(f'{c:.2f}' for c in cpu)})",
               flush=True)
-    cfg = validate(load_config(TrainConfig, ROOT / CONFIG, [*Run(objectives[0], next(iter(OBJECTIVES[objectives[0]].grid)),
-                                                                 0, 60.0).overrides(5.0, []),
-                                                            f"run.output_dir={RUNS / 'cost' / 'eval'}", *extra]))
+    first = Run(objectives[0], next(iter(OBJECTIVES[objectives[0]].grid)), 0, 60.0)
+    cfg = validate(load_config(TrainConfig, ROOT / CONFIG,
+                               [*first.overrides(5.0, []), f"run.output_dir={RUNS / 'cost' / 'eval'}", *extra]))
     trainer = Trainer(cfg)
     start = time.process_time()
     evaluate(trainer, "cost")

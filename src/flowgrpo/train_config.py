@@ -218,7 +218,7 @@ class RunConfig:
     # CPU-minutes: the main process's CPU time in sampling, rewards and update, evaluation not counted; unlike
     # wall time it leaves out the time other processes hold the cores (0 = off)
     max_cpu_minutes: float = 0.0
-    eval_every_cpu_minutes: float = 0.0  # a held-out evaluation each time that CPU time passes a multiple of this (0 = off)
+    eval_every_cpu_minutes: float = 0.0  # a held-out evaluation each time that CPU time passes a multiple of it (0 = off)
 
 
 @dataclass
