@@ -25,7 +25,6 @@ Prints one row per side (CPU seconds an iteration: sampling, reward, update, tot
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,10 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from side_by_side import clock, run_sides  # noqa: E402
+from side_by_side import LORA_TARGETS, bench_main, clock, frozen_sd3  # noqa: E402
 
-TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0",
-           "attn.to_q", "attn.to_v"]
 GUIDANCE, NOISE_LEVEL, STEPS, TRAINED, CLIP, BETA = 4.5, 0.7, 10, 9, 1e-4, 0.04
 
 
@@ -65,27 +62,17 @@ def flowgrpo_side(args):
 def official_side(args):
     """The reference loop's work per iteration with the reference's own functions; yields as flowgrpo_side."""
     sys.path.insert(0, str(Path(args.official).resolve()))
-    from diffusers import StableDiffusion3Pipeline
     from flow_grpo.diffusers_patch.sd3_pipeline_with_logprob import pipeline_with_logprob  # the checkout's
     from flow_grpo.diffusers_patch.sd3_sde_with_logprob import sde_step_with_logprob
     from flow_grpo.stat_tracking import PerPromptStatTracker
     from peft import LoraConfig, get_peft_model
 
     from flowgrpo.data import load_prompts
-    from flowgrpo.models import load_policy
     from flowgrpo.rewards import as_uint8_images, make_reward
 
-    torch.manual_seed(0)
-    # the folder's StableDiffusion3Pipeline as flowgrpo's loader builds it (it fills the absent T5
-    # slots); the same object encodes the prompts
-    encoder = load_policy(args.model)
-    pipe = encoder.pipe
-    assert isinstance(pipe, StableDiffusion3Pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
-        m.requires_grad_(False)
+    encoder, pipe = frozen_sd3(args.model)
     model = get_peft_model(pipe.transformer, LoraConfig(r=16, lora_alpha=32, init_lora_weights="gaussian",
-                                                        target_modules=TARGETS))
+                                                        target_modules=LORA_TARGETS))
     pipe.transformer = model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
@@ -165,21 +152,8 @@ def official_side(args):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "assets" / "shapes-sd3"))
-    ap.add_argument("--official", default=None, help="a checkout of yifan123/flow_grpo (omit: flowgrpo only)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=64, help="images a forward pass, sampling and training")
-    ap.add_argument("--iterations", type=int, default=2, help="timed iterations, after one warm-up")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are exact at 1)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    sides = {"flowgrpo": flowgrpo_side(args)}
-    if args.official:
-        sides["reference"] = official_side(args)
-    run_sides(sides, args.iterations, f"{args.prompts} prompts x {args.group} images, micro-batch {args.batch}")
-
+    bench_main(__doc__, flowgrpo_side, official_side, checkout="yifan123/flow_grpo", official_name="reference",
+               default_batch=64)
 
 if __name__ == "__main__":
     main()

@@ -4,11 +4,36 @@ and one Markdown table."""
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+
+
+# the attention projections both official recipes put their LoRA on
+LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                "attn.to_out.0", "attn.to_q", "attn.to_v"]
+
+
+def frozen_sd3(model: str):
+    """(policy, pipe): the folder's StableDiffusion3Pipeline as flowgrpo's loader builds it (it
+    fills absent T5 slots), every module frozen, for an official side to put its own LoRA on;
+    the policy encodes the prompts for both sides."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowgrpo.models import load_policy
+
+    torch.manual_seed(0)
+    policy = load_policy(model)
+    pipe = policy.pipe
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        m.requires_grad_(False)
+    return policy, pipe
 
 
 def clock() -> float:
@@ -46,3 +71,24 @@ def run_sides(sides: dict[str, Iterator], iterations: int, header: str) -> dict[
               f"update {', '.join(f'{x:.2f}' for x in update)}")
     print(f"{time.perf_counter() - start:.0f} s wall in all")
     return times
+
+
+def bench_main(doc: str, flowgrpo_side, official_side, *, checkout: str, official_name: str,
+               default_batch: int) -> None:
+    """The command line both benchmarks share: flowgrpo alone, or beside the official side when
+    --official names a checkout of `checkout`."""
+    root = Path(__file__).resolve().parents[1]
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--model", default=str(root / "assets" / "shapes-sd3"))
+    ap.add_argument("--official", default=None, help=f"a checkout of {checkout} (omit: flowgrpo only)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=default_batch, help="images a forward pass, sampling and training")
+    ap.add_argument("--iterations", type=int, default=2, help="timed iterations, after one warm-up")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are exact at 1)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sides = {"flowgrpo": flowgrpo_side(args)}
+    if args.official:
+        sides[official_name] = official_side(args)
+    run_sides(sides, args.iterations, f"{args.prompts} prompts x {args.group} images, micro-batch {args.batch}")

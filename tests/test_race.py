@@ -4,15 +4,13 @@ clock, the two stages run end to end on the tiny shapes model, and the report's 
 (time to target, intervals over seeds, speed-ups) is right on curves made by hand."""
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, tiny_overrides
+from helpers import ROOT, load_script, tiny_overrides
 
 from flowgrpo.config import load_config
 from flowgrpo.runlog import read_metrics
@@ -22,11 +20,7 @@ from flowgrpo.trainer import cpu_marks, train
 
 @pytest.fixture(scope="module")
 def race():
-    spec = importlib.util.spec_from_file_location("race", ROOT / "scripts" / "race.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["race"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("race")
 
 
 def tiny(model: Path, out: Path, extra=()) -> list[str]:

@@ -1,28 +1,22 @@
 """scripts/studies.py: every condition is a valid change of configs/demo.yaml, and the report's
 statistics (means with t-intervals across seeds, differences paired by seed) are right."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, load_script
 
 from flowgrpo.config import load_config
 from flowgrpo.rewards import make_reward
 from flowgrpo.train_config import TrainConfig, validate
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def studies():
-    spec = importlib.util.spec_from_file_location("studies", ROOT / "scripts" / "studies.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["studies"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("studies")
 
 
 def test_every_condition_changes_only_the_reward_of_the_demo_config(studies):

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +19,15 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 SHARED_DATA = ROOT.parent / "shared" / "data"  # benchmark prompt files beside the checkout (CI has them)
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module, registered in sys.modules (its dataclasses need that)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- tiny models and training configs --------------------------------------------------------
