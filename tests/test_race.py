@@ -15,7 +15,8 @@ from helpers import ROOT, load_script, tiny_overrides
 from flowgrpo.config import load_config
 from flowgrpo.runlog import read_metrics
 from flowgrpo.train_config import TrainConfig, validate
-from flowgrpo.trainer import cpu_marks, train
+from flowgrpo.schedules import cpu_marks
+from flowgrpo.trainer import train
 
 
 @pytest.fixture(scope="module")

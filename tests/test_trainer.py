@@ -246,7 +246,7 @@ def test_learning_rate_schedules_and_their_resume(tiny_shapes_model, tmp_path):
     from types import SimpleNamespace
 
     from flowgrpo.config import ConfigError
-    from flowgrpo.trainer import lr_factor
+    from flowgrpo.schedules import lr_factor
 
     o = SimpleNamespace(steps=10, lr_warmup=2, lr_schedule="cosine", lr_min_ratio=0.1)
     f = [lr_factor(o, i) for i in range(10)]
