@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from side_by_side import LORA_TARGETS, bench_main, clock, frozen_sd3  # noqa: E402
+from side_by_side import LORA_TARGETS, bench_main, clock, frozen_sd3, trainer_side  # noqa: E402
 
 GUIDANCE, NOISE_LEVEL, STEPS, TRAINED, CLIP, BETA = 4.5, 0.7, 10, 9, 1e-4, 0.04
 
@@ -40,23 +40,12 @@ GUIDANCE, NOISE_LEVEL, STEPS, TRAINED, CLIP, BETA = 4.5, 0.7, 10, 9, 1e-4, 0.04
 def flowgrpo_side(args):
     """Yields the number of trained parameters, then (sampling, reward, update) seconds of each iteration."""
     from flowgrpo.config import load_config
-    from flowgrpo.train_config import TrainConfig, validate
-    from flowgrpo.trainer import Trainer
+    from flowgrpo.train_config import TrainConfig
 
     over = [f"model.path={args.model}", f"sample.group_size={args.group}", f"sample.prompts_per_step={args.prompts}",
             f"sample.batch_size={args.batch}", f"optim.train_batch_size={args.batch}", "data.test=",
             "run.eval_before=false", "run.tensorboard=false", f"run.threads={args.threads}"]
-    trainer = Trainer(validate(load_config(TrainConfig, str(ROOT / "configs" / "shapes_flowgrpo.yaml"), over)))
-    yield sum(p.numel() for p in trainer.named_params.values())
-    for it in range(args.iterations + 1):
-        t0 = clock()
-        batch = trainer.sample(it)
-        t1 = clock()
-        adv, _ = trainer.score(batch)
-        t2 = clock()
-        trainer.update(batch, adv, it)
-        t3 = clock()
-        yield t1 - t0, t2 - t1, t3 - t2
+    yield from trainer_side(load_config(TrainConfig, str(ROOT / "configs" / "shapes_flowgrpo.yaml"), over), args.iterations)
 
 
 def official_side(args):

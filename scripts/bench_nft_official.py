@@ -31,15 +31,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from side_by_side import LORA_TARGETS, bench_main, clock, frozen_sd3  # noqa: E402
+from side_by_side import LORA_TARGETS, bench_main, clock, frozen_sd3, trainer_side  # noqa: E402
 
 
 
 def flowgrpo_side(args):
     """Yields the number of trained parameters, then (sampling, reward, update) seconds of each iteration."""
     from flowgrpo.config import load_config
-    from flowgrpo.train_config import TrainConfig, validate
-    from flowgrpo.trainer import Trainer
+    from flowgrpo.train_config import TrainConfig
 
     over = [f"model.path={args.model}", "model.lora.rank=32", "model.lora.alpha=64", "model.lora.init=gaussian",
             "sample.kind=dpm2", "sample.num_steps=10", "sample.guidance=1.0", f"sample.group_size={args.group}",
@@ -50,17 +49,7 @@ def flowgrpo_side(args):
             "optim.timestep_fraction=0.99", f"optim.train_batch_size={args.batch}", "optim.optimizer_steps=1",
             "optim.ema_decay=0.9", "optim.ema_every=1", "optim.ema_warmup=true", "data.test=",
             "run.eval_before=false", "run.tensorboard=false", f"run.threads={args.threads}"]
-    trainer = Trainer(validate(load_config(TrainConfig, None, over)))
-    yield sum(p.numel() for p in trainer.named_params.values())
-    for it in range(args.iterations + 1):
-        t0 = clock()
-        batch = trainer.sample(it)
-        t1 = clock()
-        adv, _ = trainer.score(batch)
-        t2 = clock()
-        trainer.update(batch, adv, it)
-        t3 = clock()
-        yield t1 - t0, t2 - t1, t3 - t2
+    yield from trainer_side(load_config(TrainConfig, None, over), args.iterations)
 
 
 def official_side(args):

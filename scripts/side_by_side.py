@@ -42,6 +42,25 @@ def clock() -> float:
     return time.process_time()
 
 
+def trainer_side(cfg, iterations: int):
+    """flowgrpo's side: the Trainer's sample / score / update on `cfg`; yields the trained-parameter
+    count, then (sampling, reward, update) CPU seconds of each of iterations + 1."""
+    from flowgrpo.train_config import validate
+    from flowgrpo.trainer import Trainer
+
+    trainer = Trainer(validate(cfg))
+    yield sum(p.numel() for p in trainer.named_params.values())
+    for it in range(iterations + 1):
+        t0 = clock()
+        batch = trainer.sample(it)
+        t1 = clock()
+        adv, _ = trainer.score(batch)
+        t2 = clock()
+        trainer.update(batch, adv, it)
+        t3 = clock()
+        yield t1 - t0, t2 - t1, t3 - t2
+
+
 def run_sides(sides: dict[str, Iterator], iterations: int, header: str) -> dict[str, list]:
     """Each side yields its trained-parameter count, then (sampling, reward, update) seconds per
     iteration. The sides alternate iteration by iteration, so a shared machine's load falls on
