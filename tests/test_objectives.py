@@ -137,6 +137,33 @@ def test_nft_samples_with_the_old_weights(tiny_shapes_model, tmp_path):
     assert not torch.equal(v_now, v_old)  # the moved weights do predict differently
 
 
+def test_rollout_noise_trains_on_each_images_own_pair(tiny_shapes_model, tmp_path):
+    """optim.fm_noise rollout: x_t lies on the straight line from the image's initial noise to
+    its sample, so at t = 1 the model sees exactly the noise its rollout started from; the
+    noise levels are the fresh run's."""
+    fresh = Trainer(make_cfg(tiny_shapes_model, tmp_path / "f", extra=EXTRA["nft"]))
+    own = Trainer(make_cfg(tiny_shapes_model, tmp_path / "o", extra=EXTRA["nft"] + ["optim.fm_noise=rollout"]))
+    batches = []
+    for trainer in (fresh, own):
+        batch = trainer.sample(0)
+        trainer.score(batch)
+        trainer.objective.prepare(batch, 0)
+        batches.append(batch)
+    assert torch.equal(batches[0].latents, batches[1].latents)
+    idx = torch.arange(len(batches[1].latents))
+    for k in range(len(own.objective.draws)):
+        x0, sig, eps, x_t = own.objective.inputs(idx, k)
+        assert torch.equal(eps, batches[1].latents[:, 0].float())
+        assert torch.equal(sig, fresh.objective.inputs(idx, k)[1])
+        t = sig.view(-1, 1, 1, 1)
+        assert torch.equal(x_t, (1 - t) * x0 + t * eps)
+        assert not torch.equal(eps, fresh.objective.inputs(idx, k)[2])
+    with pytest.raises(ConfigError, match="optim.fm_noise"):
+        validate(load_config(TrainConfig, None, ["optim.fm_noise=rollout"]))  # the ratio objective
+    with pytest.raises(ConfigError, match="optim.fm_noise"):
+        validate(load_config(TrainConfig, None, ["optim.policy_loss=nft", "sample.kind=ode", "optim.fm_noise=own"]))
+
+
 # ---- reward-filtered ------------------------------------------------------------------------
 def test_reward_filtered_selection():
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0,  # a tie for best: the lower index wins

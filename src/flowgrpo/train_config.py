@@ -170,6 +170,10 @@ class OptimConfig:
     fm_rollout_steps: Optional[int] = None
     timestep_count: Optional[int] = None  # forward objectives: train this many candidates instead of a fraction
     fm_group_noise: bool = False  # forward objectives: one noise per group at each draw (DGPO use_shared_noise)
+    # forward objectives: the eps of x_t = (1 - t) x0 + t eps. fresh: a new draw per image and update
+    # (DiffusionNFT); rollout: the image's own initial noise, so an ODE rollout's (noise, image) pair
+    # is kept and the update says which image this noise should become (a reward-weighted reflow)
+    fm_noise: str = "fresh"
     # DGPO (arXiv 2510.08425): per group weight sigmoid(dgpo_beta / K sum_i A_i (l_i - l_ref,i)) on
     # A_i l_i, l = mean (v - (eps - x0))^2; docs/objectives.md
     dgpo_beta: float = 100.0  # beta_dpo: 100 GenEval / OCR, 10 PickScore
@@ -351,6 +355,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if o.timestep_subset == "per_sample" and forward and o.fm_sigma_range is not None:
         raise ConfigError("optim.timestep_subset per_sample with optim.fm_sigma_range: the range would drop a "
                           "different number of steps per image; use one or the other")
+    if o.fm_noise not in ("fresh", "rollout"):
+        raise ConfigError(f"optim.fm_noise must be fresh or rollout, got {o.fm_noise!r}")
+    if o.fm_noise == "rollout" and (not forward or o.fm_group_noise):
+        raise ConfigError("optim.fm_noise rollout trains forward objectives (nft, dgpo, reward_filtered, supervised) "
+                          f"at each image's own initial noise: not {o.policy_loss}, and not with optim.fm_group_noise")
     if o.fm_group_noise and o.fm_timesteps != "rollout":
         raise ConfigError("optim.fm_group_noise shares each draw within a group at the sampler's own noise levels: "
                           "it needs optim.fm_timesteps rollout")

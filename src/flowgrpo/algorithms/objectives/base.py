@@ -190,6 +190,9 @@ class ForwardObjective(Objective):
         keys, tag = (batch.group_ids, TAG_GROUP_FLOW) if o.fm_group_noise else (batch.global_index, TAG_FLOW)
         self.draws = [draw_noise(keys, shape, self.seed, iteration, tag, k, s, rng)
                       for k, s in enumerate(self.train_sigmas(batch, iteration))]
+        if o.fm_noise == "rollout":  # each image's own initial noise: the (noise, image) pair its rollout made
+            own = batch.latents[:, 0].float()
+            self.draws = [(sig, own) for sig, _ in self.draws]
         return list(range(len(self.draws)))
 
     def inputs(self, idx, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
