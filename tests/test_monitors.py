@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from flowgrpo.config import load_config
-from flowgrpo.monitors import HackingMonitor, slope_t
+from flowgrpo.monitors import HackingMonitor, base_distance, slope_t
 from flowgrpo.runlog import read_metrics
 from flowgrpo.train_config import TrainConfig, validate
-from flowgrpo.trainer import train
+from flowgrpo.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,26 @@ def test_gold_is_logged_and_never_changes_training(tiny_shapes_model, tmp_path):
     r = rows[0]
     assert r["gold/total"] == pytest.approx(r["gold/shapes_partial"] + 0.5 * r["gold/shapes_quality"])
     assert not any("gold/" in k for k in read_metrics(plain / "metrics.jsonl")[0])
+    # the distance from the base is measured beside gold (after each update: the LoRA has left zero)
+    assert all(r["monitor/base_kl"] > 0 for r in rows)
+    assert not any("monitor/base_kl" in r for r in read_metrics(plain / "metrics.jsonl"))
+
+
+def test_base_distance_is_the_mean_squared_velocity_gap_to_the_base(tiny_shapes_model, tmp_path):
+    trainer = Trainer(tiny(tiny_shapes_model, tmp_path))
+    batch = trainer.sample(0)
+    assert base_distance(trainer.velocity, batch, 4, trainer.acc) == 0.0  # LoRA B = 0: the base itself
+    with torch.no_grad():
+        for p in trainer.named_params.values():
+            p.add_(0.01)
+    got = base_distance(trainer.velocity, batch, 4, trainer.acc)
+    steps = batch.latents.shape[1] - 1
+    cond = {k: v[:4] for k, v in batch.cond.items()}
+    with torch.no_grad():
+        by_hand = np.mean([float((trainer.velocity(batch.latents[:4, j], batch.sigmas[j], cond)
+                                  - trainer.velocity(batch.latents[:4, j], batch.sigmas[j], cond, reference=True))
+                                 .pow(2).mean()) for j in range(steps)])
+    assert got > 0 and got == pytest.approx(by_hand, rel=1e-6)
 
 
 # ---- synthetic streams ---------------------------------------------------------------------

@@ -109,6 +109,27 @@ def group_spread(features: np.ndarray, group_ids: np.ndarray) -> float:
     return float(np.mean(spreads)) if spreads else 0.0
 
 
+@torch.no_grad()
+def base_distance(velocity, batch, images: int, acc) -> float:
+    """monitor/base_kl: mean over the first `images` local rollouts and every sampler step of
+    mean_CHW (v(x_k) - v_base(x_k))^2 at the rollout's own states: the velocity-space KL
+    surrogate the KL penalties use, measured whatever their weight, so a run can be read against
+    how far it has moved from the base. Averaged over processes (each runs the same forwards)."""
+    from .models.base import index_condition
+
+    k = min(images, len(batch.latents))
+    idx = torch.arange(k)
+    cond = index_condition(batch.cond, idx)
+    total = 0.0
+    steps = batch.latents.shape[1] - 1
+    for j in range(steps):
+        x = batch.latents[:k, j].to(acc.device, torch.float32)
+        gap = velocity(x, batch.sigmas[j], cond).float() - velocity(x, batch.sigmas[j], cond, reference=True).float()
+        total += float(gap.pow(2).mean())
+    value = torch.tensor([total / max(steps, 1)], device=acc.device)
+    return float(acc.reduce(value, "mean")) if acc.num_processes > 1 else float(value)
+
+
 # ---- gold rewards --------------------------------------------------------------------------
 def score_rewards(rewards: dict, batch, acc) -> dict[str, torch.Tensor]:
     """{name: scores of the whole gathered batch}: a pointwise reward scores each process's own

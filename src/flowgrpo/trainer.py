@@ -30,7 +30,7 @@ from .data import load_prompts
 from .eval.held_out import is_shapes
 from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
-from .monitors import MONITOR_NAME
+from .monitors import MONITOR_NAME, base_distance
 from .parallel import gathered, set_gradient_sync
 from .rewards import as_uint8_images, make_reward
 from .rewards.pipeline import RewardPipeline, RewardRound
@@ -86,6 +86,7 @@ class Trainer:
             self.policy.add_lora(LoraSpec(m.lora.rank, m.lora.alpha, m.lora.init, list(m.lora.targets)))
         else:
             self.policy.enable_full_finetune(keep_reference=objective_cls.needs_reference(cfg))
+        self.has_reference = m.lora.enabled or objective_cls.needs_reference(cfg)  # policy.reference() works
         if m.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
         # Trained weights are kept in float32 even when the model runs in half precision.
@@ -512,6 +513,8 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
         stats.update({"time/sample": t_sample, "time/reward": t_reward, "time/update": t_update,
                       "lr": trainer.optimizer.param_groups[0]["lr"]})
         alarms = trainer.monitor.observe(batch, stats, it)  # after the update: nothing it scores reaches it
+        if "gold/total" in stats and cfg.monitor.base_kl_images and trainer.has_reference:
+            stats["monitor/base_kl"] = base_distance(trainer.velocity, batch, cfg.monitor.base_kl_images, trainer.acc)
         # the iteration's cost (this process's threads, the reward pipeline's included; evaluation not counted)
         stats["time/cpu"], stats["time/wall"] = time.process_time() - cpu, time.perf_counter() - wall
         clock_before = summary.get("train_cpu_seconds", 0.0)

@@ -1,0 +1,265 @@
+"""Over-optimisation of a learned proxy reward on the shapes world (docs/results/over-optimisation.md).
+
+Every condition trains on the proxy (`flowgrpo make-proxy`: a small CNN imitating the verifier,
+pair accuracy about 0.8 on held-out images) and scores the verifier's partial credit on the same
+rollouts as gold (`reward.gold`), which never enters training; `monitor.base_kl_images` logs the
+distance from the base at each gold scoring. The demo's base and tags (colors, counting), the
+demo's NFT objective unless a condition says otherwise:
+
+    pointwise     the proxy's score, no anchor (nft_kl_weight 0): the run that should over-optimise
+    pairwise      win rates under the proxy as a judge (Pref-GRPO), no anchor
+    kl_0.3, kl_1  the proxy's score with the anchor at 0.3 and at 1.0 (the demo's)
+    adversarial   the proxy's score plus a discriminator on frozen features (Adv-GRPO), no anchor
+    ratio         the proxy's score under Flow-GRPO-Fast's ratio objective (configs/shapes_fast.yaml)
+
+    python scripts/overopt.py proxy                       # runs/shapes-proxy, about 4 minutes
+    python scripts/overopt.py run --seeds 0 1 2 --workers 2
+    python scripts/overopt.py run pointwise --seeds 0     # one condition, one seed
+    python scripts/overopt.py report                      # Markdown on stdout, docs/figures/overopt.png
+
+`run` trains the missing (condition, seed) runs, --workers at a time with one thread each, resumes
+an interrupted run from its checkpoint and writes one JSON record per finished run to
+docs/overopt/ (committed), which `report` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "docs" / "overopt"
+RUNS = ROOT / "runs" / "overopt"
+PROXY = "runs/shapes-proxy"
+STEPS = 300
+FALL = 0.05  # gold counts as fallen when its smoothed curve is this far below its running peak
+SMOOTH = 20  # iterations in the moving average of the gold and proxy curves
+PROXY_REWARD = ["reward.weights={shapes_proxy: 1.0}", f"reward.args={{shapes_proxy: {{path: {PROXY}}}}}"]
+GOLD = ["reward.gold={shapes_partial: 1.0}", "run.gold_every=1"]
+NO_ANCHOR = ["optim.nft_kl_weight=0.0"]
+CONDITIONS = {  # name -> (config, overrides)
+    "pointwise": ("configs/demo.yaml", PROXY_REWARD + NO_ANCHOR),
+    "pairwise": ("configs/demo.yaml", ["reward.weights={pref_winrate: 1.0}",
+                                       f"reward.args={{pref_winrate: {{judge: shapes_proxy, judge_args: {{path: {PROXY}}}}}}}"]
+                 + NO_ANCHOR),
+    "kl_0.3": ("configs/demo.yaml", PROXY_REWARD + ["optim.nft_kl_weight=0.3"]),
+    "kl_1": ("configs/demo.yaml", PROXY_REWARD + ["optim.nft_kl_weight=1.0"]),
+    "adversarial": ("configs/demo.yaml", ["reward.weights={shapes_proxy: 1.0, adversarial: 1.0}",
+                                          f"reward.args={{shapes_proxy: {{path: {PROXY}}}, adversarial: "
+                                          "{backbone: assets/shapes-dinov2, references: shapes, lr: 0.001}}"]
+                    + NO_ANCHOR),
+    "ratio": ("configs/shapes_fast.yaml", PROXY_REWARD + ["model.path=assets/shapes-sd3-cells-alt"]),
+}
+
+
+def record_path(cond: str, seed: int, steps: int) -> Path:
+    return RECORDS / f"{cond}-s{steps}-seed{seed}.json"
+
+
+def run_one(cond: str, seed: int, steps: int) -> Path:
+    """Train (or resume) one run, write its record; returns the record's path."""
+    config, extra = CONDITIONS[cond]
+    out = RUNS / f"{cond}-s{steps}-seed{seed}"
+    overrides = extra + GOLD + [f"run.seed={seed}", f"optim.steps={steps}", f"run.output_dir={out.relative_to(ROOT)}",
+                                "run.threads=1", f"run.eval_every={steps // 3}", "run.save_every=50",
+                                "run.tensorboard=false", "run.eval_images_per_prompt=16"]
+    if not (out / "summary.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        resume = ["--resume"] if any((out / "checkpoints").glob("ckpt-*")) else []
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        with open(out / "train.log", "a") as log:
+            subprocess.run([sys.executable, "-m", "flowgrpo", "train", config, *overrides, *resume], cwd=ROOT,
+                           env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    rec = make_record(cond, seed, steps, config, overrides, out)
+    path = record_path(cond, seed, steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=0))
+    tmp.replace(path)
+    return path
+
+
+def make_record(cond, seed, steps, config, overrides, out: Path) -> dict:
+    rows: dict[int, dict] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            m = json.loads(line)
+            rows.setdefault(int(m["step"]), {}).update(m)  # a resumed run logs its last iterations again
+    curves = {"step": [], "proxy": [], "gold": [], "base_kl": [], "alarms": []}
+    evals = []
+    for step, r in sorted(rows.items()):
+        if "gold/total" in r:
+            curves["step"].append(step)
+            curves["proxy"].append(r["reward/mean"])
+            curves["gold"].append(r["gold/total"])
+            curves["base_kl"].append(r.get("monitor/base_kl"))
+            curves["alarms"].append(sorted(k.removeprefix("alarm/") for k, v in r.items()
+                                           if k.startswith("alarm/") and v))
+        if "eval/overall" in r:
+            evals.append({"step": step, "overall": r["eval/overall"]})
+    summary = json.loads((out / "summary.json").read_text())
+    return {"condition": cond, "seed": seed, "steps": steps, "config": config, "overrides": overrides,
+            "wall_seconds": summary.get("wall_seconds"), "curves": curves, "evals": evals}
+
+
+def run(conditions: list[str], seeds: list[int], steps: int, workers: int) -> None:
+    if not (ROOT / PROXY / "proxy.safetensors").exists():
+        sys.exit(f"no proxy at {PROXY}: run `python scripts/overopt.py proxy` first")
+    todo = [(c, s) for s in seeds for c in conditions if not record_path(c, s, steps).exists()]
+    print(f"{len(todo)} runs to do: {todo}", flush=True)
+    with ThreadPoolExecutor(workers) as pool:
+        for path in pool.map(lambda cs: run_one(*cs, steps), todo):
+            print(f"done -> {path.relative_to(ROOT)}", flush=True)
+
+
+# ---- analysis ---------------------------------------------------------------------------------
+def smooth(values, window: int = SMOOTH) -> np.ndarray:
+    """Trailing moving average (the first points average what there is)."""
+    v = np.asarray(values, dtype=float)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    n = np.minimum(np.arange(1, len(v) + 1), window)
+    return (c[1:] - c[np.arange(1, len(v) + 1) - n]) / n
+
+
+def outcome(rec: dict, fall: float = FALL) -> dict:
+    """Peak of the smoothed gold curve, its end, the drop, and where it first fell `fall` below its
+    running peak; the proxy's rise; the first iteration with an alarm (after the base iterations)."""
+    c = rec["curves"]
+    steps, gold, proxy = np.asarray(c["step"]), smooth(c["gold"]), smooth(c["proxy"])
+    peak = int(np.argmax(gold))
+    fell = np.flatnonzero(gold < np.maximum.accumulate(gold) - fall)
+    alarm = next((int(s) for s, a in zip(steps, c["alarms"]) if a), None)
+    alarm_names = sorted({name for a in c["alarms"] for name in a})
+    kl = [k for k in c["base_kl"] if k is not None]
+    return {"gold_start": float(gold[min(SMOOTH, len(gold)) - 1]), "gold_peak": float(gold[peak]),
+            "gold_peak_step": int(steps[peak]), "gold_end": float(gold[-1]), "drop": float(gold[peak] - gold[-1]),
+            "proxy_rise": float(proxy[-1] - proxy[min(SMOOTH, len(proxy)) - 1]),
+            "fell_step": int(steps[fell[0]]) if len(fell) else None, "alarm_step": alarm, "alarms": alarm_names,
+            "base_kl_end": kl[-1] if kl else None,
+            "held_out": (rec["evals"][0]["overall"], rec["evals"][-1]["overall"]) if rec["evals"] else None}
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval across seeds (nan with one value)."""
+    from scipy.stats import t
+
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan")), float("nan")
+    return float(v.mean()), float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def cell(values, digits: int = 3) -> str:
+    m, h = mean_ci(values)
+    if not np.isfinite(m):
+        return "-"
+    return f"{m:.{digits}f}" if not np.isfinite(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def load(steps: int) -> dict[str, list[dict]]:
+    data: dict[str, list[dict]] = {}
+    for p in sorted(RECORDS.glob(f"*-s{steps}-seed*.json")):
+        rec = json.loads(p.read_text())
+        data.setdefault(rec["condition"], []).append(rec)
+    return {c: data[c] for c in CONDITIONS if c in data}
+
+
+def table(data: dict[str, list[dict]]) -> str:
+    head = ("| condition | seeds | gold at start | gold peak (iteration) | gold at end | peak - end | proxy rise "
+            "| distance from base at end | held-out before -> after |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines = [head]
+    for cond, recs in data.items():
+        o = [outcome(r) for r in recs]
+        held = [x["held_out"] for x in o if x["held_out"]]
+        lines.append(
+            f"| {cond} | {len(recs)} | {cell([x['gold_start'] for x in o])} | {cell([x['gold_peak'] for x in o])} "
+            f"({cell([x['gold_peak_step'] for x in o], 0)}) | {cell([x['gold_end'] for x in o])} "
+            f"| {cell([x['drop'] for x in o])} | {cell([x['proxy_rise'] for x in o])} "
+            f"| {cell([x['base_kl_end'] for x in o], 4)} "
+            f"| {cell([h[0] for h in held])} -> {cell([h[1] for h in held])} |")
+    return "\n".join(lines)
+
+
+def alarm_table(data: dict[str, list[dict]], fall: float = FALL) -> str:
+    """For each run whose gold fell `fall` below its peak: did an alarm fire, and how many
+    iterations before the fall; for the others: did one fire anyway (a false alarm)."""
+    lines = ["| condition | seed | gold fell 0.05 at | first alarm at | lead (iterations) | alarms |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for cond, recs in data.items():
+        for r in recs:
+            o = outcome(r, fall)
+            lead = (o["fell_step"] - o["alarm_step"]) if o["fell_step"] is not None and o["alarm_step"] is not None \
+                else None
+            lines.append(f"| {cond} | {r['seed']} | {o['fell_step'] if o['fell_step'] is not None else 'never'} "
+                         f"| {o['alarm_step'] if o['alarm_step'] is not None else 'none'} "
+                         f"| {lead if lead is not None else '-'} | {', '.join(o['alarms']) or '-'} |")
+    return "\n".join(lines)
+
+
+def figure(data: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    for i, (cond, recs) in enumerate(data.items()):
+        color = f"C{i}"
+        for j, r in enumerate(recs):
+            c = r["curves"]
+            label = cond if j == 0 else None
+            ax[0].plot(c["step"], smooth(c["gold"]), color=color, label=label, lw=1.2)
+            ax[1].plot(c["step"], smooth(c["proxy"]), color=color, label=label, lw=1.2)
+            pairs = [(k, g) for k, g in zip(c["base_kl"], smooth(c["gold"])) if k is not None]
+            if pairs:
+                ax[2].plot(*zip(*pairs), color=color, label=label, lw=1.0)
+    ax[0].set(title=f"gold: verifier partial credit ({SMOOTH}-iteration mean)", xlabel="iteration")
+    ax[1].set(title="proxy: the optimised reward", xlabel="iteration")
+    ax[2].set(title="gold against distance from the base", xlabel="mean (v - v_base)^2", xscale="log")
+    for a in ax:
+        a.grid(alpha=0.3)
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("proxy", help=f"train the proxy into {PROXY} (flowgrpo make-proxy, defaults)")
+    r = sub.add_parser("run", help="train the missing runs")
+    r.add_argument("conditions", nargs="*", help=f"some of {', '.join(CONDITIONS)} (default: all)")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--steps", type=int, default=STEPS)
+    r.add_argument("--workers", type=int, default=2)
+    rep = sub.add_parser("report", help="tables on stdout and the figure")
+    rep.add_argument("--steps", type=int, default=STEPS)
+    rep.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "overopt.png")
+    args = p.parse_args(argv)
+    if args.cmd == "proxy":
+        subprocess.run([sys.executable, "-m", "flowgrpo", "make-proxy", "--out", PROXY], cwd=ROOT, check=True)
+    elif args.cmd == "run":
+        unknown = [c for c in args.conditions if c not in CONDITIONS]
+        if unknown:
+            sys.exit(f"unknown conditions {unknown}: choose from {', '.join(CONDITIONS)}")
+        run(args.conditions or list(CONDITIONS), args.seeds, args.steps, args.workers)
+    else:
+        data = load(args.steps)
+        if not data:
+            sys.exit(f"no records in {RECORDS.relative_to(ROOT)} for {args.steps} iterations: run first")
+        print(table(data), "\n", alarm_table(data), sep="\n")
+        print(f"\nfigure: {figure(data, args.figure).relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

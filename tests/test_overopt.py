@@ -1,0 +1,89 @@
+"""The over-optimisation study (scripts/overopt.py): every condition is a valid training config
+with gold scored beside the proxy, and the analysis (peak, drop, when gold fell, alarm lead,
+false alarms) is right on curves made by hand."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import ROOT, load_script
+
+from flowgrpo.config import load_config
+from flowgrpo.train_config import TrainConfig, validate
+
+
+@pytest.fixture(scope="module")
+def overopt():
+    return load_script("overopt")
+
+
+def test_every_condition_is_a_valid_config_that_scores_gold(overopt):
+    for name, (config, extra) in overopt.CONDITIONS.items():
+        cfg = validate(load_config(TrainConfig, ROOT / config, extra + overopt.GOLD))
+        assert dict(cfg.reward.gold) == {"shapes_partial": 1.0}, name
+        assert "shapes_partial" not in cfg.reward.weights, name  # gold never trained on
+        assert cfg.monitor.base_kl_images > 0
+    anchors = {n: validate(load_config(TrainConfig, ROOT / c, e)).optim.nft_kl_weight
+               for n, (c, e) in overopt.CONDITIONS.items() if n != "ratio"}
+    assert anchors == {"pointwise": 0.0, "pairwise": 0.0, "kl_0.3": 0.3, "kl_1": 1.0, "adversarial": 0.0}
+
+
+def record(gold, proxy=None, alarms=None, seed=0, cond="pointwise"):
+    n = len(gold)
+    return {"condition": cond, "seed": seed, "evals": [],
+            "curves": {"step": list(range(1, n + 1)), "gold": list(gold),
+                       "proxy": list(proxy if proxy is not None else np.linspace(0.5, 0.9, n)),
+                       "base_kl": list(np.linspace(0, 1e-3, n)), "alarms": alarms or [[] for _ in range(n)]}}
+
+
+def test_smooth_is_a_trailing_mean(overopt):
+    np.testing.assert_allclose(overopt.smooth([1, 2, 3, 4, 5], window=2), [1, 1.5, 2.5, 3.5, 4.5])
+    np.testing.assert_allclose(overopt.smooth([2, 4, 6], window=20), [2, 3, 4])
+
+
+def test_outcome_finds_the_peak_the_fall_and_the_alarm(overopt):
+    # gold rises 0.5 -> 0.7 over 100 iterations, then falls to 0.5 over the next 100
+    gold = np.concatenate([np.linspace(0.5, 0.7, 100), np.linspace(0.7, 0.5, 100)])
+    alarms = [[] for _ in range(200)]
+    alarms[130] = ["divergence"]
+    o = overopt.outcome(record(gold, alarms=alarms))
+    windows = [np.mean(gold[i - 19:i + 1]) for i in range(19, 200)]  # the 20-iteration means
+    assert o["gold_peak"] == pytest.approx(max(windows))
+    assert o["gold_peak_step"] == 20 + int(np.argmax(windows))  # steps count from 1
+    assert 100 <= o["gold_peak_step"] <= 112
+    assert o["drop"] == pytest.approx(o["gold_peak"] - np.mean(gold[-20:]))
+    # smoothed gold is 0.05 below its peak about 0.05 / (0.2 / 100) = 25 iterations after the raw peak, plus the lag
+    assert 120 < o["fell_step"] < 145
+    assert o["alarm_step"] == 131 and o["alarms"] == ["divergence"]
+    flat = overopt.outcome(record(np.full(200, 0.6)))
+    assert flat["fell_step"] is None and flat["drop"] == pytest.approx(0.0, abs=1e-12) and flat["alarm_step"] is None
+
+
+def test_tables_count_leads_and_false_alarms(overopt):
+    falling = np.concatenate([np.linspace(0.5, 0.7, 100), np.linspace(0.7, 0.5, 100)])
+    early = [[] for _ in range(200)]
+    early[110] = ["drift/latent_norm"]
+    false = [[] for _ in range(200)]
+    false[50] = ["diversity"]
+    data = {"pointwise": [record(falling, alarms=early, seed=0), record(falling, seed=1)],
+            "kl_1": [record(np.full(200, 0.6), alarms=false, seed=0, cond="kl_1")]}
+    text = overopt.alarm_table(data)
+    fell = overopt.outcome(data["pointwise"][0])["fell_step"]
+    assert f"| pointwise | 0 | {fell} | 111 | {fell - 111} | drift/latent_norm |" in text
+    assert f"| pointwise | 1 | {fell} | none | - | - |" in text
+    assert "| kl_1 | 0 | never | 51 | - | diversity |" in text
+    summary = overopt.table(data)
+    assert "| pointwise | 2 |" in summary and "| kl_1 | 1 |" in summary
+
+
+def test_make_record_reads_gold_alarms_and_evaluations(overopt, tmp_path):
+    rows = [{"step": 0, "eval/overall": 0.45},
+            {"step": 1, "reward/mean": 0.6, "gold/total": 0.5, "monitor/base_kl": 0.0, "alarm/divergence": 0.0},
+            {"step": 2, "reward/mean": 0.7, "gold/total": 0.4, "monitor/base_kl": 1e-4, "alarm/divergence": 1.0},
+            {"step": 2, "eval/overall": 0.40}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "summary.json").write_text(json.dumps({"wall_seconds": 12.0}))
+    rec = overopt.make_record("pointwise", 0, 2, "configs/demo.yaml", [], tmp_path)
+    assert rec["curves"] == {"step": [1, 2], "proxy": [0.6, 0.7], "gold": [0.5, 0.4], "base_kl": [0.0, 1e-4],
+                             "alarms": [[], ["divergence"]]}
+    assert rec["evals"] == [{"step": 0, "overall": 0.45}, {"step": 2, "overall": 0.40}]
