@@ -42,7 +42,7 @@ STEPS = 300
 FALL = 0.05  # gold counts as fallen when its smoothed curve is this far below its running peak
 SMOOTH = 20  # iterations in the moving average of the gold and proxy curves
 PROXY_REWARD = ["reward.weights={shapes_proxy: 1.0}", f"reward.args={{shapes_proxy: {{path: {PROXY}}}}}"]
-GOLD = ["reward.gold={shapes_partial: 1.0}", "run.gold_every=1"]
+GOLD = ["reward.gold={shapes_partial: 1.0}", "run.gold_every=1", "monitor.base_kl_images=8"]
 NO_ANCHOR = ["optim.nft_kl_weight=0.0"]
 CONDITIONS = {  # name -> (config, overrides)
     "pointwise": ("configs/demo.yaml", PROXY_REWARD + NO_ANCHOR),
@@ -132,17 +132,18 @@ def outcome(rec: dict, fall: float = FALL) -> dict:
     """Peak of the smoothed gold curve, its end, the drop, and where it first fell `fall` below its
     running peak; the proxy's rise; the first iteration with an alarm (after the base iterations)."""
     c = rec["curves"]
-    steps, gold, proxy = np.asarray(c["step"]), smooth(c["gold"]), smooth(c["proxy"])
+    full = slice(min(SMOOTH, len(c["gold"])) - 1, None)  # whole windows only: one early point is no peak
+    steps, gold, proxy = np.asarray(c["step"])[full], smooth(c["gold"])[full], smooth(c["proxy"])[full]
     peak = int(np.argmax(gold))
     fell = np.flatnonzero(gold < np.maximum.accumulate(gold) - fall)
-    alarm = next((int(s) for s, a in zip(steps, c["alarms"]) if a), None)
+    alarm = next((int(s) for s, a in zip(c["step"], c["alarms"]) if a), None)
     alarm_names = sorted({name for a in c["alarms"] for name in a})
     kl = [k for k in c["base_kl"] if k is not None]
-    return {"gold_start": float(gold[min(SMOOTH, len(gold)) - 1]), "gold_peak": float(gold[peak]),
+    return {"gold_start": float(gold[0]), "gold_peak": float(gold[peak]),
             "gold_peak_step": int(steps[peak]), "gold_end": float(gold[-1]), "drop": float(gold[peak] - gold[-1]),
-            "proxy_rise": float(proxy[-1] - proxy[min(SMOOTH, len(proxy)) - 1]),
+            "proxy_rise": float(proxy[-1] - proxy[0]),
             "fell_step": int(steps[fell[0]]) if len(fell) else None, "alarm_step": alarm, "alarms": alarm_names,
-            "base_kl_end": kl[-1] if kl else None,
+            "base_kl_end": float(np.mean(kl[-SMOOTH:])) if kl else None,
             "held_out": (rec["evals"][0]["overall"], rec["evals"][-1]["overall"]) if rec["evals"] else None}
 
 
@@ -217,12 +218,12 @@ def figure(data: dict[str, list[dict]], path: Path) -> Path:
             label = cond if j == 0 else None
             ax[0].plot(c["step"], smooth(c["gold"]), color=color, label=label, lw=1.2)
             ax[1].plot(c["step"], smooth(c["proxy"]), color=color, label=label, lw=1.2)
-            pairs = [(k, g) for k, g in zip(c["base_kl"], smooth(c["gold"])) if k is not None]
-            if pairs:
-                ax[2].plot(*zip(*pairs), color=color, label=label, lw=1.0)
+            if all(k is not None for k in c["base_kl"]):  # both smoothed: 8 images' distance is noisy
+                ax[2].plot(smooth(c["base_kl"]), smooth(c["gold"]), color=color, label=label, lw=1.0)
     ax[0].set(title=f"gold: verifier partial credit ({SMOOTH}-iteration mean)", xlabel="iteration")
     ax[1].set(title="proxy: the optimised reward", xlabel="iteration")
-    ax[2].set(title="gold against distance from the base", xlabel="mean (v - v_base)^2", xscale="log")
+    ax[2].set(title="gold against distance from the base", xlabel=f"mean (v - v_base)^2 ({SMOOTH}-iteration mean)",
+              xscale="log")
     for a in ax:
         a.grid(alpha=0.3)
     ax[0].legend(fontsize=8)

@@ -248,8 +248,9 @@ class MonitorConfig:
     # this; 0 = off. Group normalisation of tiny reward gaps into unit advantages is what gets hacked
     amplification_max: float = 30.0
     # with reward.gold: at each gold scoring, monitor/base_kl = mean (v - v_base)^2 over this many local
-    # rollouts' states, how far the policy has moved from the base (gold is read against it); 0 = off
-    base_kl_images: int = 8
+    # rollouts' states, how far the policy has moved from the base (gold is read against it); 0 = off.
+    # Costs 2 x images x sampler steps forwards (CFG doubles them) per gold scoring
+    base_kl_images: int = 4
 
 
 @dataclass
