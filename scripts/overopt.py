@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from studies import mean_ci  # noqa: E402  (95% t-interval over seeds, as the other studies report)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "overopt"
 RUNS = ROOT / "runs" / "overopt"
@@ -145,16 +148,6 @@ def outcome(rec: dict, fall: float = FALL) -> dict:
             "fell_step": int(steps[fell[0]]) if len(fell) else None, "alarm_step": alarm, "alarms": alarm_names,
             "base_kl_end": float(np.mean(kl[-SMOOTH:])) if kl else None,
             "held_out": (rec["evals"][0]["overall"], rec["evals"][-1]["overall"]) if rec["evals"] else None}
-
-
-def mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval across seeds (nan with one value)."""
-    from scipy.stats import t
-
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else float("nan")), float("nan")
-    return float(v.mean()), float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
 def cell(values, digits: int = 3) -> str:
