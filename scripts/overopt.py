@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from studies import mean_ci  # noqa: E402  (95% t-interval over seeds, as the other studies report)
+from studies import mean_ci, write_record  # noqa: E402  (the other studies' intervals and records)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "overopt"
@@ -82,11 +82,7 @@ def run_one(cond: str, seed: int, steps: int) -> Path:
                            env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     rec = make_record(cond, seed, steps, config, overrides, out)
     path = record_path(cond, seed, steps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=0))
-    tmp.replace(path)
-    return path
+    return write_record(path, rec)
 
 
 def make_record(cond, seed, steps, config, overrides, out: Path) -> dict:

@@ -123,6 +123,11 @@ def run_one(cond: str, seed: int, steps: int) -> Path:
            "before": summary.get("before"), "after": summary.get("after"), "change": summary.get("change"),
            "wall_seconds": summary.get("wall_seconds"), "evals": evals, "curves": curves}
     path = record_path(cond, seed, steps)
+    return write_record(path, rec)
+
+
+def write_record(path: Path, rec: dict) -> Path:
+    """Write a run's JSON record atomically (a stopped runner leaves no half record)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=0))
