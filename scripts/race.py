@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from studies import mean_ci, write_record  # noqa: E402  (the other studies' intervals and records)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo.yaml"
 RECORDS = ROOT / "docs" / "race"
@@ -192,12 +195,7 @@ def train_run(run: Run, eval_every: float, extra: list[str], in_process: bool) -
             with open(out / "train.log", "a") as log:
                 subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     rec = make_record(run, overrides, out)
-    path = record_path(run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=0))
-    tmp.replace(path)
-    return path
+    return write_record(record_path(run), rec)
 
 
 def merged_rows(metrics: list[dict]) -> dict[int, dict]:
@@ -310,16 +308,6 @@ def schedule(objectives: list[str], search_seed: int, search_budget: float, seed
 
 
 # ---- report ------------------------------------------------------------------------------------
-def mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (nan with fewer than two values)."""
-    from scipy.stats import t
-
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else float("nan")), float("nan")
-    return float(v.mean()), float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-
-
 def crossing(x: np.ndarray, y: np.ndarray, level: float) -> float | None:
     """The first x at which the piecewise-linear curve reaches `level`; None if it never does."""
     if y[0] >= level:
