@@ -193,6 +193,75 @@ def alarm_table(data: dict[str, list[dict]], fall: float = FALL) -> str:
     return "\n".join(lines)
 
 
+def alarm_summary(data: dict[str, list[dict]], fall: float = FALL) -> str:
+    """The alarms' record per condition. A run is hacked when its gold ends `fall` or more below its
+    peak (a dip that recovers is not); of the hacked runs, how many were warned before smoothed gold
+    first fell `fall` below its running peak (and by how many iterations, median); of the others,
+    how many alarmed anyway (false alarms)."""
+    lines = ["| condition | runs | hacked (gold ends 0.05+ below its peak) | warned before the fall "
+             "| median lead (iterations) | missed or late | not hacked | false alarms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for cond, recs in data.items():
+        o = [outcome(r, fall) for r in recs]
+        hacked = [x for x in o if x["drop"] >= fall]
+        leads = [x["fell_step"] - x["alarm_step"] for x in hacked
+                 if x["alarm_step"] is not None and x["alarm_step"] <= x["fell_step"]]
+        clean = [x for x in o if x["drop"] < fall]
+        false = sum(x["alarm_step"] is not None for x in clean)
+        lines.append(f"| {cond} | {len(o)} | {len(hacked)} | {len(leads)} | {f'{np.median(leads):.0f}' if leads else '-'} "
+                     f"| {len(hacked) - len(leads)} | {len(clean)} | {false} |")
+    return "\n".join(lines)
+
+
+def diff_ci(a, b) -> tuple[float, float]:
+    """mean(a) - mean(b) and the half-width of its 95% Welch interval (nan unless both have two values)."""
+    from scipy.stats import t
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    d = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+    if len(a) < 2 or len(b) < 2:
+        return d, float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return d, 0.0
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return d, float(t.ppf(0.975, dof) * np.sqrt(va + vb))
+
+
+def verdict(d: float, h: float) -> str:
+    if not np.isfinite(d):
+        return "-"
+    if not np.isfinite(h):
+        return "fewer than 2 seeds a side"
+    return "higher" if d - h > 0 else "lower" if d + h < 0 else "not resolved"
+
+
+def protection_table(data: dict[str, list[dict]], against: str = "pointwise") -> str:
+    """Does each condition hold gold higher than the unprotected pointwise proxy? Gold at the end,
+    gold's peak and held-out accuracy at the end, each as a difference with its Welch interval."""
+    if against not in data:
+        return f"(no {against} runs to compare with)"
+    base = [outcome(r) for r in data[against]]
+    lines = [f"| condition | seeds | gold at end vs {against} | verdict | gold peak vs {against} "
+             f"| held-out at end vs {against} | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def signed(d: float, h: float) -> str:
+        if not np.isfinite(d):
+            return "-"
+        return f"{d:+.3f}" if not np.isfinite(h) else f"{d:+.3f} ({d - h:+.3f} .. {d + h:+.3f})"
+
+    for cond, recs in data.items():
+        if cond == against:
+            continue
+        o = [outcome(r) for r in recs]
+        end = diff_ci([x["gold_end"] for x in o], [x["gold_end"] for x in base])
+        peak = diff_ci([x["gold_peak"] for x in o], [x["gold_peak"] for x in base])
+        held = diff_ci([x["held_out"][1] for x in o if x["held_out"]], [x["held_out"][1] for x in base if x["held_out"]])
+        lines.append(f"| {cond} | {len(recs)} | {signed(*end)} | {verdict(*end)} | {signed(*peak)} "
+                     f"| {signed(*held)} | {verdict(*held)} |")
+    return "\n".join(lines)
+
+
 def figure(data: dict[str, list[dict]], path: Path) -> Path:
     import matplotlib
 
@@ -247,7 +316,7 @@ def main(argv=None) -> None:
         data = load(args.steps)
         if not data:
             sys.exit(f"no records in {RECORDS.relative_to(ROOT)} for {args.steps} iterations: run first")
-        print(table(data), "\n", alarm_table(data), sep="\n")
+        print(table(data), protection_table(data), alarm_summary(data), alarm_table(data), sep="\n\n")
         print(f"\nfigure: {figure(data, args.figure).relative_to(ROOT)}")
 
 

@@ -87,3 +87,42 @@ def test_make_record_reads_gold_alarms_and_evaluations(overopt, tmp_path):
     assert rec["curves"] == {"step": [1, 2], "proxy": [0.6, 0.7], "gold": [0.5, 0.4], "base_kl": [0.0, 1e-4],
                              "alarms": [[], ["divergence"]]}
     assert rec["evals"] == [{"step": 0, "overall": 0.45}, {"step": 2, "overall": 0.40}]
+
+
+def test_alarm_summary_counts_hacked_runs_warnings_and_false_alarms(overopt):
+    falling = np.concatenate([np.linspace(0.5, 0.7, 100), np.linspace(0.7, 0.5, 100)])
+    dip = np.concatenate([np.full(80, 0.7), np.full(40, 0.6), np.full(80, 0.7)])  # falls 0.1, recovers
+    early = [[] for _ in range(200)]
+    early[100] = ["diversity"]
+    late = [[] for _ in range(200)]
+    late[190] = ["divergence"]
+    data = {"pointwise": [record(falling, alarms=early, seed=0), record(falling, alarms=late, seed=1),
+                          record(falling, seed=2)],
+            "kl_1": [record(dip, alarms=early, seed=0, cond="kl_1"), record(np.full(200, 0.6), seed=1, cond="kl_1")]}
+    fell = overopt.outcome(data["pointwise"][0])["fell_step"]
+    text = overopt.alarm_summary(data)
+    assert f"| pointwise | 3 | 3 | 1 | {fell - 101} | 2 | 0 | 0 |" in text  # the late alarm counts as missed
+    assert "| kl_1 | 2 | 0 | 0 | - | 0 | 2 | 1 |" in text  # a dip that recovers is not hacking
+
+
+def test_protection_table_compares_with_welch_intervals(overopt):
+    from scipy.stats import ttest_ind
+
+    def run(level, seed, cond):
+        return record(np.full(60, level), seed=seed, cond=cond)
+
+    data = {"pointwise": [run(x, i, "pointwise") for i, x in enumerate([0.40, 0.42, 0.38])],
+            "kl_1": [run(x, i, "kl_1") for i, x in enumerate([0.70, 0.75, 0.80])],
+            "pairwise": [run(x, i, "pairwise") for i, x in enumerate([0.35, 0.45, 0.41])],
+            "ratio": [run(0.9, 0, "ratio")]}
+    d, h = overopt.diff_ci([0.70, 0.75, 0.80], [0.40, 0.42, 0.38])
+    assert d == pytest.approx(0.35)
+    # the interval excludes zero exactly when Welch's test rejects at 5%
+    assert ttest_ind([0.70, 0.75, 0.80], [0.40, 0.42, 0.38], equal_var=False).pvalue < 0.05 and d - h > 0
+    p = ttest_ind([0.35, 0.45, 0.41], [0.40, 0.42, 0.38], equal_var=False).pvalue
+    d2, h2 = overopt.diff_ci([0.35, 0.45, 0.41], [0.40, 0.42, 0.38])
+    assert p > 0.05 and d2 - h2 < 0 < d2 + h2
+    text = overopt.protection_table(data)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert "| higher |" in rows["kl_1"] and "| not resolved |" in rows["pairwise"]
+    assert "fewer than 2 seeds a side" in rows["ratio"] and "pointwise" not in rows
