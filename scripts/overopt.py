@@ -47,10 +47,14 @@ SMOOTH = 20  # iterations in the moving average of the gold and proxy curves
 PROXY_REWARD = ["reward.weights={shapes_proxy: 1.0}", f"reward.args={{shapes_proxy: {{path: {PROXY}}}}}"]
 GOLD = ["reward.gold={shapes_partial: 1.0}", "run.gold_every=1", "monitor.base_kl_images=8"]
 NO_ANCHOR = ["optim.nft_kl_weight=0.0"]
-CONDITIONS = {  # name -> (config, overrides)
+CONDITIONS = {  # name -> (config, overrides after GOLD's)
     "pointwise": ("configs/demo.yaml", PROXY_REWARD + NO_ANCHOR),
     "pairwise": ("configs/demo.yaml", ["reward.weights={pref_winrate: 1.0}",
-                                       f"reward.args={{pref_winrate: {{judge: shapes_proxy, judge_args: {{path: {PROXY}}}}}}}"]
+                                       f"reward.args={{pref_winrate: {{judge: shapes_proxy, judge_args: {{path: {PROXY}}}}}}}",
+                                       # a win rate's mean is 0.5 by construction: the proxy's own score is
+                                       # logged beside gold (weight 0 keeps it out of gold/total)
+                                       "reward.gold={shapes_partial: 1.0, shapes_proxy: 0.0}",
+                                       f"reward.gold_args={{shapes_proxy: {{path: {PROXY}}}}}"]
                  + NO_ANCHOR),
     "kl_0.3": ("configs/demo.yaml", PROXY_REWARD + ["optim.nft_kl_weight=0.3"]),
     "kl_1": ("configs/demo.yaml", PROXY_REWARD + ["optim.nft_kl_weight=1.0"]),
@@ -70,7 +74,7 @@ def run_one(cond: str, seed: int, steps: int) -> Path:
     """Train (or resume) one run, write its record; returns the record's path."""
     config, extra = CONDITIONS[cond]
     out = RUNS / f"{cond}-s{steps}-seed{seed}"
-    overrides = extra + GOLD + [f"run.seed={seed}", f"optim.steps={steps}", f"run.output_dir={out.relative_to(ROOT)}",
+    overrides = GOLD + extra + [f"run.seed={seed}", f"optim.steps={steps}", f"run.output_dir={out.relative_to(ROOT)}",
                                 "run.threads=1", f"run.eval_every={steps // 3}", "run.save_every=50",
                                 "run.tensorboard=false", "run.eval_images_per_prompt=16"]
     if not (out / "summary.json").exists():
@@ -85,6 +89,16 @@ def run_one(cond: str, seed: int, steps: int) -> Path:
     return write_record(path, rec)
 
 
+def proxy_score(row: dict) -> float:
+    """The proxy's mean score on an iteration's rollouts: its own component where it is mixed with
+    another reward (adversarial), its gold-side score where the trained reward is a win rate under it
+    (pairwise: mean 0.5 by construction), else the trained reward."""
+    for key in ("reward/shapes_proxy/mean", "gold/shapes_proxy"):
+        if key in row:
+            return row[key]
+    return row.get("reward/mean") if "reward/pref_winrate/mean" not in row else None
+
+
 def make_record(cond, seed, steps, config, overrides, out: Path) -> dict:
     rows: dict[int, dict] = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -96,7 +110,7 @@ def make_record(cond, seed, steps, config, overrides, out: Path) -> dict:
     for step, r in sorted(rows.items()):
         if "gold/total" in r:
             curves["step"].append(step)
-            curves["proxy"].append(r["reward/mean"])
+            curves["proxy"].append(proxy_score(r))
             curves["gold"].append(r["gold/total"])
             curves["base_kl"].append(r.get("monitor/base_kl"))
             curves["alarms"].append(sorted(k.removeprefix("alarm/") for k, v in r.items()
@@ -132,7 +146,8 @@ def outcome(rec: dict, fall: float = FALL) -> dict:
     running peak; the proxy's rise; the first iteration with an alarm (after the base iterations)."""
     c = rec["curves"]
     full = slice(min(SMOOTH, len(c["gold"])) - 1, None)  # whole windows only: one early point is no peak
-    steps, gold, proxy = np.asarray(c["step"])[full], smooth(c["gold"])[full], smooth(c["proxy"])[full]
+    steps, gold = np.asarray(c["step"])[full], smooth(c["gold"])[full]
+    proxy = smooth(c["proxy"])[full] if None not in c["proxy"] else None  # a pairwise run logged without it
     peak = int(np.argmax(gold))
     fell = np.flatnonzero(gold < np.maximum.accumulate(gold) - fall)
     alarm = next((int(s) for s, a in zip(c["step"], c["alarms"]) if a), None)
@@ -140,7 +155,7 @@ def outcome(rec: dict, fall: float = FALL) -> dict:
     kl = [k for k in c["base_kl"] if k is not None]
     return {"gold_start": float(gold[0]), "gold_peak": float(gold[peak]),
             "gold_peak_step": int(steps[peak]), "gold_end": float(gold[-1]), "drop": float(gold[peak] - gold[-1]),
-            "proxy_rise": float(proxy[-1] - proxy[0]),
+            "proxy_rise": float(proxy[-1] - proxy[0]) if proxy is not None else None,
             "fell_step": int(steps[fell[0]]) if len(fell) else None, "alarm_step": alarm, "alarms": alarm_names,
             "base_kl_end": float(np.mean(kl[-SMOOTH:])) if kl else None,
             "held_out": (rec["evals"][0]["overall"], rec["evals"][-1]["overall"]) if rec["evals"] else None}
@@ -275,7 +290,8 @@ def figure(data: dict[str, list[dict]], path: Path) -> Path:
             c = r["curves"]
             label = cond if j == 0 else None
             ax[0].plot(c["step"], smooth(c["gold"]), color=color, label=label, lw=1.2)
-            ax[1].plot(c["step"], smooth(c["proxy"]), color=color, label=label, lw=1.2)
+            if None not in c["proxy"]:
+                ax[1].plot(c["step"], smooth(c["proxy"]), color=color, label=label, lw=1.2)
             if all(k is not None for k in c["base_kl"]):  # both smoothed: 8 images' distance is noisy
                 ax[2].plot(smooth(c["base_kl"]), smooth(c["gold"]), color=color, label=label, lw=1.0)
     ax[0].set(title=f"gold: verifier partial credit ({SMOOTH}-iteration mean)", xlabel="iteration")

@@ -19,8 +19,10 @@ def overopt():
 
 def test_every_condition_is_a_valid_config_that_scores_gold(overopt):
     for name, (config, extra) in overopt.CONDITIONS.items():
-        cfg = validate(load_config(TrainConfig, ROOT / config, extra + overopt.GOLD))
-        assert dict(cfg.reward.gold) == {"shapes_partial": 1.0}, name
+        cfg = validate(load_config(TrainConfig, ROOT / config, overopt.GOLD + extra))
+        # gold/total is the verifier alone; the pairwise run also logs the proxy's own score at weight 0
+        assert dict(cfg.reward.gold) == ({"shapes_partial": 1.0, "shapes_proxy": 0.0} if name == "pairwise"
+                                         else {"shapes_partial": 1.0}), name
         assert "shapes_partial" not in cfg.reward.weights, name  # gold never trained on
         assert cfg.monitor.base_kl_images > 0
     anchors = {n: validate(load_config(TrainConfig, ROOT / c, e)).optim.nft_kl_weight
@@ -126,3 +128,13 @@ def test_protection_table_compares_with_welch_intervals(overopt):
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
     assert "| higher |" in rows["kl_1"] and "| not resolved |" in rows["pairwise"]
     assert "fewer than 2 seeds a side" in rows["ratio"] and "pointwise" not in rows
+
+
+def test_the_proxy_curve_is_the_proxys_own_score(overopt):
+    alone = {"reward/mean": 0.7, "reward/shapes_proxy/mean": 0.7}
+    mixed = {"reward/mean": 1.1, "reward/shapes_proxy/mean": 0.8, "reward/adversarial/mean": 0.3}
+    pairwise = {"reward/mean": 0.5, "reward/pref_winrate/mean": 0.5, "gold/shapes_proxy": 0.65}
+    assert [overopt.proxy_score(r) for r in (alone, mixed, pairwise)] == [0.7, 0.8, 0.65]
+    assert overopt.proxy_score({"reward/mean": 0.5, "reward/pref_winrate/mean": 0.5}) is None  # a win rate is no score
+    o = overopt.outcome(record(np.full(40, 0.5), proxy=[None] * 40))
+    assert o["proxy_rise"] is None and o["gold_end"] == pytest.approx(0.5)
