@@ -54,7 +54,8 @@ CONDITIONS = {  # name -> (config, overrides after GOLD's)
                                        # a win rate's mean is 0.5 by construction: the proxy's own score is
                                        # logged beside gold (weight 0 keeps it out of gold/total)
                                        "reward.gold={shapes_partial: 1.0, shapes_proxy: 0.0}",
-                                       f"reward.gold_args={{shapes_proxy: {{path: {PROXY}}}}}"]
+                                       f"reward.gold_args={{shapes_proxy: {{path: {PROXY}}}}}",
+                                       "monitor.proxy_key=gold/shapes_proxy"]
                  + NO_ANCHOR),
     "kl_0.3": ("configs/demo.yaml", PROXY_REWARD + ["optim.nft_kl_weight=0.3"]),
     "kl_1": ("configs/demo.yaml", PROXY_REWARD + ["optim.nft_kl_weight=1.0"]),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowgrpo.config import load_config
+from flowgrpo.config import ConfigError, load_config
 from flowgrpo.monitors import HackingMonitor, base_distance, slope_t
 from flowgrpo.runlog import read_metrics
 from flowgrpo.train_config import TrainConfig, validate
@@ -121,6 +121,39 @@ def test_divergence_fires_soon_after_gold_turns():
     gold = np.where(np.arange(n) < peak, 0.3 + 0.005 * np.arange(n), 0.5 - 0.006 * (np.arange(n) - peak))
     fired = feed_divergence(monitor(), proxy, gold + rng.normal(0, 0.02, n))
     assert fired and peak < fired[0] <= peak + 12, fired
+
+
+def test_divergence_reads_the_judges_own_score_under_a_win_rate(monkeypatch, caplog):
+    """A win rate's mean is 0.5 by construction: the alarm reads a weight-0 gold entry instead."""
+    import flowgrpo.monitors as monitors
+
+    n, peak = 60, 20
+    proxy = 0.3 + 0.008 * np.arange(n)  # the judge's own score climbs
+    gold = np.where(np.arange(n) < peak, 0.5, 0.5 - 0.008 * (np.arange(n) - peak))
+    rng = np.random.default_rng(3)
+    proxy, gold = proxy + rng.normal(0, 0.01, n), gold + rng.normal(0, 0.01, n)
+    pairwise = ["reward.weights={pref_winrate: 1.0}", "reward.gold={shapes_partial: 1.0, jpeg_compressibility: 0.0}"]
+
+    def run(*extra) -> list[int]:
+        mon = monitor(*pairwise, *extra)
+        fired = []
+        for it in range(n):
+            scores = {"shapes_partial": np.full(4, gold[it]), "jpeg_compressibility": np.full(4, proxy[it])}
+            monkeypatch.setattr(monitors, "score_rewards", lambda *a, s=scores: s)
+            stats = {"reward/mean": 0.5}
+            mon._score_gold(None, stats, it)
+            assert stats["gold/total"] == pytest.approx(gold[it])  # weight 0: the judge's score stays out of gold
+            if mon._divergence(stats):
+                fired.append(it)
+        return fired
+
+    with caplog.at_level("WARNING"):
+        assert run() == []  # reward/mean is flat: the default key cannot see it
+    assert "monitor.proxy_key=gold/" in caplog.text
+    fired = run("monitor.proxy_key=gold/jpeg_compressibility")
+    assert fired and peak < fired[0] <= peak + 12, fired
+    with pytest.raises(ConfigError, match="monitor.proxy_key='gold/pickscore' is not logged"):
+        monitor(*pairwise, "monitor.proxy_key=gold/pickscore")
 
 
 def noise_latents(rng, n, scale=1.0):

@@ -6,7 +6,7 @@ which adds
 - `gold/<name>`, `gold/total`: rewards that are scored on the rollouts (every run.gold_every
   iterations) but never enter advantages: the yardstick for the optimised reward;
 - `monitor/*`: the statistics the alarms watch, and `alarm/<name>` (1 when firing, else 0):
-  - divergence: reward/mean rising while gold/total falls (least-squares slopes over a window,
+  - divergence: the optimised reward (monitor.proxy_key, reward/mean by default) rising while gold/total falls (least-squares slopes over a window,
     each in standard errors, so a noisy curve needs a long, steady trend to fire);
   - diversity: the within-group spread of downsampled images against the base's (the first
     iterations'): a group collapsing to one picture;
@@ -196,7 +196,7 @@ class HackingMonitor:
             stats[f"gold/{n}"] = float(s.mean())
         stats["gold/total"] = float(total.mean())
         self.steps.append(float(iteration))
-        self.proxy.append(float(stats["reward/mean"]))
+        self.proxy.append(float(stats[self.cfg.monitor.proxy_key]))
         self.gold_total.append(stats["gold/total"])
 
     # ---- the alarms --------------------------------------------------------------------------
@@ -211,7 +211,7 @@ class HackingMonitor:
         stats["alarm/divergence"] = float(firing)
         if not firing:
             return []
-        return [Alarm("divergence", f"divergence: over the last {m.window} gold scorings reward/mean rose at "
+        return [Alarm("divergence", f"divergence: over the last {m.window} gold scorings {m.proxy_key} rose at "
                                     f"{t_proxy:+.1f} SE and gold/total fell at {t_gold:+.1f} SE "
                                     f"(threshold +-{m.divergence_z:g} SE)")]
 

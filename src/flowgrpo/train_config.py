@@ -7,10 +7,13 @@ does not force otherwise.
 
 from __future__ import annotations
 
+import logging
 import math
-
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+WIN_RATE_REWARDS = {"pref_winrate"}  # rewards whose batch mean is fixed by construction (each group's is 0.5)
 
 
 @dataclass
@@ -234,9 +237,13 @@ class MonitorConfig:
     base_iterations: int = 3
     # diversity, drift and amplification alarms use the mean of the last `smooth` iterations: one odd batch does not fire
     smooth: int = 4
-    # proxy-gold divergence: least-squares slopes of reward/mean and gold/total over the last `window`
+    # proxy-gold divergence: least-squares slopes of the proxy (proxy_key) and gold/total over the last `window`
     # gold scorings; fires when the proxy's slope is above +divergence_z standard errors and gold's below -divergence_z
     window: int = 12
+    # the logged value the divergence alarm reads as the optimised reward: reward/mean, reward/<name>/mean, or
+    # gold/<name>. A win rate's mean is 0.5 by construction, so a pairwise run logs the judge's own score as a
+    # weight-0 gold reward and points this at it (docs/reward-hacking.md)
+    proxy_key: str = "reward/mean"
     divergence_z: float = 3.0  # see window; 3 SE keeps false alarms on white noise below 1 in 1000 checks
     # diversity collapse: within-group spread of 8x8 downsampled images as a share of the base's; fires below this
     diversity_ratio: float = 0.35
@@ -430,6 +437,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"monitor.window must be >= 3 (a slope's standard error needs 3 points), "
                           f"monitor.base_iterations and monitor.smooth >= 1; got {m.window}, {m.base_iterations}, "
                           f"{m.smooth}")
+    keys = ["reward/mean", *(f"reward/{n}/mean" for n in r.weights), *(f"gold/{n}" for n in r.gold)]
+    if m.proxy_key not in keys:
+        raise ConfigError(f"monitor.proxy_key={m.proxy_key!r} is not logged by this run: choose one of {keys} "
+                          f"(a gold/<name> key needs that name in reward.gold, weight 0 keeps it out of gold/total)")
+    if m.proxy_key == "reward/mean" and set(r.weights) <= WIN_RATE_REWARDS and r.gold:
+        log.warning(f"reward/mean of a win-rate reward ({', '.join(r.weights)}) is 0.5 by construction, so the "
+                      "divergence alarm cannot fire: score the judge's own pointwise score as a weight-0 gold reward "
+                      "and set monitor.proxy_key=gold/<its name>", stacklevel=2)
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if (s.group_size * s.prompts_per_step) % max(1, o.optimizer_steps):
