@@ -278,33 +278,39 @@ def protection_table(data: dict[str, list[dict]], against: str = "pointwise") ->
     return "\n".join(lines)
 
 
-def figure(data: dict[str, list[dict]], path: Path) -> Path:
+def figure(data: dict[str, list[dict]], path: Path, against: str = "pointwise") -> Path:
+    """One row per condition: gold (solid) and the proxy (dashed) against iterations, and gold
+    against the distance from the base; every seed a line, the unprotected runs in grey behind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
-    for i, (cond, recs) in enumerate(data.items()):
-        color = f"C{i}"
-        for j, r in enumerate(recs):
-            c = r["curves"]
-            label = cond if j == 0 else None
-            ax[0].plot(c["step"], smooth(c["gold"]), color=color, label=label, lw=1.2)
-            if None not in c["proxy"]:
-                ax[1].plot(c["step"], smooth(c["proxy"]), color=color, label=label, lw=1.2)
-            if all(k is not None for k in c["base_kl"]):  # both smoothed: 8 images' distance is noisy
-                ax[2].plot(smooth(c["base_kl"]), smooth(c["gold"]), color=color, label=label, lw=1.0)
-    ax[0].set(title=f"gold: verifier partial credit ({SMOOTH}-iteration mean)", xlabel="iteration")
-    ax[1].set(title="proxy: the optimised reward", xlabel="iteration")
-    ax[2].set(title="gold against distance from the base", xlabel=f"mean (v - v_base)^2 ({SMOOTH}-iteration mean)",
-              xscale="log")
-    for a in ax:
-        a.grid(alpha=0.3)
-    ax[0].legend(fontsize=8)
+    fig, axes = plt.subplots(len(data), 2, figsize=(12, 2.8 * len(data)), squeeze=False, sharex="col", sharey="row")
+    for row, (cond, recs) in zip(axes, data.items()):
+        layers = [(data.get(against, []), "0.75", None)] if cond != against else []
+        for recs_, color, label in layers + [(recs, None, cond)]:
+            for j, r in enumerate(recs_):
+                c = r["curves"]
+                tint = color or f"C{j}"
+                name = f"{label} seed {r['seed']}" if label else (against if j == 0 else None)
+                row[0].plot(c["step"], smooth(c["gold"]), color=tint, lw=1.2, label=name)
+                if label and None not in c["proxy"]:
+                    row[0].plot(c["step"], smooth(c["proxy"]), color=tint, lw=1.0, ls="--")
+                if all(k is not None for k in c["base_kl"]):  # both smoothed: 8 images' distance is noisy
+                    row[1].plot(smooth(c["base_kl"]), smooth(c["gold"]), color=tint, lw=1.0)
+        row[0].set(ylabel=f"{cond}\nscore ({SMOOTH}-it. mean)")
+        row[0].legend(fontsize=7, loc="lower left")
+        row[1].set(xscale="log")
+        for a in row:
+            a.grid(alpha=0.3)
+    axes[0, 0].set_title("gold: verifier partial credit (solid); proxy's own score (dashed)")
+    axes[0, 1].set_title("gold against the distance from the base")
+    axes[-1, 0].set(xlabel="iteration")
+    axes[-1, 1].set(xlabel=f"mean (v - v_base)^2 ({SMOOTH}-iteration mean)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
