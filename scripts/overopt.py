@@ -44,6 +44,7 @@ PROXY = "runs/shapes-proxy"
 STEPS = 300
 FALL = 0.05  # gold counts as fallen when its smoothed curve is this far below its running peak
 SMOOTH = 20  # iterations in the moving average of the gold and proxy curves
+SUSTAINED = (5, 10)  # an alarm is sustained once alarms fired on 5 of the last 10 iterations (a blip is not)
 PROXY_REWARD = ["reward.weights={shapes_proxy: 1.0}", f"reward.args={{shapes_proxy: {{path: {PROXY}}}}}"]
 GOLD = ["reward.gold={shapes_partial: 1.0}", "run.gold_every=1", "monitor.base_kl_images=8"]
 NO_ANCHOR = ["optim.nft_kl_weight=0.0"]
@@ -152,12 +153,17 @@ def outcome(rec: dict, fall: float = FALL) -> dict:
     peak = int(np.argmax(gold))
     fell = np.flatnonzero(gold < np.maximum.accumulate(gold) - fall)
     alarm = next((int(s) for s, a in zip(c["step"], c["alarms"]) if a), None)
+    hits, window = SUSTAINED
+    on = np.array([bool(a) for a in c["alarms"]], dtype=float)
+    recent = np.convolve(on, np.ones(window))[: len(on)]  # alarming iterations among the last `window`
+    sustained = next((int(s) for s, k in zip(c["step"], recent) if k >= hits), None)
     alarm_names = sorted({name for a in c["alarms"] for name in a})
     kl = [k for k in c["base_kl"] if k is not None]
     return {"gold_start": float(gold[0]), "gold_peak": float(gold[peak]),
             "gold_peak_step": int(steps[peak]), "gold_end": float(gold[-1]), "drop": float(gold[peak] - gold[-1]),
             "proxy_rise": float(proxy[-1] - proxy[0]) if proxy is not None else None,
             "fell_step": int(steps[fell[0]]) if len(fell) else None, "alarm_step": alarm, "alarms": alarm_names,
+            "sustained_step": sustained, "alarm_iterations": int(on.sum()),
             "base_kl_end": float(np.mean(kl[-SMOOTH:])) if kl else None,
             "held_out": (rec["evals"][0]["overall"], rec["evals"][-1]["overall"]) if rec["evals"] else None}
 
@@ -193,39 +199,52 @@ def table(data: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def lead(o: dict) -> int | None:
+    """Iterations from the first sustained alarm to gold's fall (None unless both happened, in that order)."""
+    if o["fell_step"] is None or o["sustained_step"] is None or o["sustained_step"] > o["fell_step"]:
+        return None
+    return o["fell_step"] - o["sustained_step"]
+
+
 def alarm_table(data: dict[str, list[dict]], fall: float = FALL) -> str:
-    """For each run whose gold fell `fall` below its peak: did an alarm fire, and how many
-    iterations before the fall; for the others: did one fire anyway (a false alarm)."""
-    lines = ["| condition | seed | gold fell 0.05 at | first alarm at | lead (iterations) | alarms |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    """Per run: when gold first fell `fall` below its running peak, the first alarm, the first
+    sustained one, its lead over the fall, and how many iterations alarmed at all."""
+    hits, window = SUSTAINED
+    lines = [f"| condition | seed | gold fell 0.05 at | first alarm at | first sustained alarm ({hits} of {window}) at "
+             "| lead (iterations) | iterations alarming | alarms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def at(step):
+        return "none" if step is None else step
+
     for cond, recs in data.items():
         for r in recs:
             o = outcome(r, fall)
-            lead = (o["fell_step"] - o["alarm_step"]) if o["fell_step"] is not None and o["alarm_step"] is not None \
-                else None
-            lines.append(f"| {cond} | {r['seed']} | {o['fell_step'] if o['fell_step'] is not None else 'never'} "
-                         f"| {o['alarm_step'] if o['alarm_step'] is not None else 'none'} "
-                         f"| {lead if lead is not None else '-'} | {', '.join(o['alarms']) or '-'} |")
+            ahead = lead(o)
+            lines.append(f"| {cond} | {r['seed']} | {'never' if o['fell_step'] is None else o['fell_step']} "
+                         f"| {at(o['alarm_step'])} | {at(o['sustained_step'])} | {'-' if ahead is None else ahead} "
+                         f"| {o['alarm_iterations']} of {len(r['curves']['step'])} | {', '.join(o['alarms']) or '-'} |")
     return "\n".join(lines)
 
 
 def alarm_summary(data: dict[str, list[dict]], fall: float = FALL) -> str:
     """The alarms' record per condition. A run is hacked when its gold ends `fall` or more below its
-    peak (a dip that recovers is not); of the hacked runs, how many were warned before smoothed gold
-    first fell `fall` below its running peak (and by how many iterations, median); of the others,
-    how many alarmed anyway (false alarms)."""
+    peak (a dip that recovers is not); of the hacked runs, how many had a sustained alarm before
+    smoothed gold first fell `fall` below its running peak (and by how many iterations, median); of
+    the others, how many had a sustained alarm anyway (false alarms) or alarmed at all."""
     lines = ["| condition | runs | hacked (gold ends 0.05+ below its peak) | warned before the fall "
-             "| median lead (iterations) | missed or late | not hacked | false alarms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| median lead (iterations) | missed or late | any alarm before the fall | not hacked "
+             "| false alarms (sustained) | not hacked, any alarm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cond, recs in data.items():
         o = [outcome(r, fall) for r in recs]
         hacked = [x for x in o if x["drop"] >= fall]
-        leads = [x["fell_step"] - x["alarm_step"] for x in hacked
-                 if x["alarm_step"] is not None and x["alarm_step"] <= x["fell_step"]]
+        leads = [lead(x) for x in hacked if lead(x) is not None]
         clean = [x for x in o if x["drop"] < fall]
-        false = sum(x["alarm_step"] is not None for x in clean)
+        false = sum(x["sustained_step"] is not None for x in clean)
+        blips = sum(x["alarm_step"] is not None for x in clean)
+        early = sum(x["alarm_step"] is not None and x["alarm_step"] <= x["fell_step"] for x in hacked)
         lines.append(f"| {cond} | {len(o)} | {len(hacked)} | {len(leads)} | {f'{np.median(leads):.0f}' if leads else '-'} "
-                     f"| {len(hacked) - len(leads)} | {len(clean)} | {false} |")
+                     f"| {len(hacked) - len(leads)} | {early} | {len(clean)} | {false} | {blips} |")
     return "\n".join(lines)
 
 

@@ -61,19 +61,26 @@ def test_outcome_finds_the_peak_the_fall_and_the_alarm(overopt):
     assert flat["fell_step"] is None and flat["drop"] == pytest.approx(0.0, abs=1e-12) and flat["alarm_step"] is None
 
 
+def alarming(n, *spans):
+    """Alarm lists for n iterations, firing on the iterations in the given (start, stop) spans (0-based)."""
+    out = [[] for _ in range(n)]
+    for start, stop in spans:
+        for i in range(start, stop):
+            out[i] = ["drift/latent_norm"]
+    return out
+
+
 def test_tables_count_leads_and_false_alarms(overopt):
     falling = np.concatenate([np.linspace(0.5, 0.7, 100), np.linspace(0.7, 0.5, 100)])
-    early = [[] for _ in range(200)]
-    early[110] = ["drift/latent_norm"]
-    false = [[] for _ in range(200)]
-    false[50] = ["diversity"]
-    data = {"pointwise": [record(falling, alarms=early, seed=0), record(falling, seed=1)],
-            "kl_1": [record(np.full(200, 0.6), alarms=false, seed=0, cond="kl_1")]}
+    data = {"pointwise": [record(falling, alarms=alarming(200, (110, 200)), seed=0),
+                          record(falling, alarms=alarming(200, (20, 21)), seed=1)],  # a blip, not sustained
+            "kl_1": [record(np.full(200, 0.6), alarms=alarming(200, (50, 51)), seed=0, cond="kl_1")]}
     text = overopt.alarm_table(data)
     fell = overopt.outcome(data["pointwise"][0])["fell_step"]
-    assert f"| pointwise | 0 | {fell} | 111 | {fell - 111} | drift/latent_norm |" in text
-    assert f"| pointwise | 1 | {fell} | none | - | - |" in text
-    assert "| kl_1 | 0 | never | 51 | - | diversity |" in text
+    # alarms on iterations 111.. (steps count from 1): the 5th of 10 is at 115
+    assert f"| pointwise | 0 | {fell} | 111 | 115 | {fell - 115} | 90 of 200 | drift/latent_norm |" in text
+    assert f"| pointwise | 1 | {fell} | 21 | none | - | 1 of 200 | drift/latent_norm |" in text
+    assert "| kl_1 | 0 | never | 51 | none | - | 1 of 200 | drift/latent_norm |" in text
     summary = overopt.table(data)
     assert "| pointwise | 2 |" in summary and "| kl_1 | 1 |" in summary
 
@@ -94,17 +101,15 @@ def test_make_record_reads_gold_alarms_and_evaluations(overopt, tmp_path):
 def test_alarm_summary_counts_hacked_runs_warnings_and_false_alarms(overopt):
     falling = np.concatenate([np.linspace(0.5, 0.7, 100), np.linspace(0.7, 0.5, 100)])
     dip = np.concatenate([np.full(80, 0.7), np.full(40, 0.6), np.full(80, 0.7)])  # falls 0.1, recovers
-    early = [[] for _ in range(200)]
-    early[100] = ["diversity"]
-    late = [[] for _ in range(200)]
-    late[190] = ["divergence"]
-    data = {"pointwise": [record(falling, alarms=early, seed=0), record(falling, alarms=late, seed=1),
-                          record(falling, seed=2)],
-            "kl_1": [record(dip, alarms=early, seed=0, cond="kl_1"), record(np.full(200, 0.6), seed=1, cond="kl_1")]}
+    data = {"pointwise": [record(falling, alarms=alarming(200, (100, 200)), seed=0),  # warned
+                          record(falling, alarms=alarming(200, (190, 200)), seed=1),  # late
+                          record(falling, alarms=alarming(200, (30, 31)), seed=2)],  # a blip long before
+            "kl_1": [record(dip, alarms=alarming(200, (100, 110)), seed=0, cond="kl_1"),
+                     record(np.full(200, 0.6), alarms=alarming(200, (5, 6)), seed=1, cond="kl_1")]}
     fell = overopt.outcome(data["pointwise"][0])["fell_step"]
     text = overopt.alarm_summary(data)
-    assert f"| pointwise | 3 | 3 | 1 | {fell - 101} | 2 | 0 | 0 |" in text  # the late alarm counts as missed
-    assert "| kl_1 | 2 | 0 | 0 | - | 0 | 2 | 1 |" in text  # a dip that recovers is not hacking
+    assert f"| pointwise | 3 | 3 | 1 | {fell - 105} | 2 | 2 | 0 | 0 | 0 |" in text
+    assert "| kl_1 | 2 | 0 | 0 | - | 0 | 0 | 2 | 1 | 2 |" in text  # a dip that recovers is not hacking
 
 
 def test_protection_table_compares_with_welch_intervals(overopt):
