@@ -44,6 +44,7 @@ PROXY = "runs/shapes-proxy"
 STEPS = 300
 FALL = 0.05  # gold counts as fallen when its smoothed curve is this far below its running peak
 SMOOTH = 20  # iterations in the moving average of the gold and proxy curves
+STOP_AFTER = (1, 5)  # monitor.stop_after values whose stopping iteration the alarm table shows
 SUSTAINED = (5, 10)  # an alarm is sustained once alarms fired on 5 of the last 10 iterations (a blip is not)
 PROXY_REWARD = ["reward.weights={shapes_proxy: 1.0}", f"reward.args={{shapes_proxy: {{path: {PROXY}}}}}"]
 GOLD = ["reward.gold={shapes_partial: 1.0}", "run.gold_every=1", "monitor.base_kl_images=8"]
@@ -157,13 +158,19 @@ def outcome(rec: dict, fall: float = FALL) -> dict:
     on = np.array([bool(a) for a in c["alarms"]], dtype=float)
     recent = np.convolve(on, np.ones(window))[: len(on)]  # alarming iterations among the last `window`
     sustained = next((int(s) for s, k in zip(c["step"], recent) if k >= hits), None)
+    streak, stops = 0, {}  # where run.stop_on_alarm would end the run, for monitor.stop_after 1 and 5
+    for s, a in zip(c["step"], c["alarms"]):
+        streak = streak + 1 if a else 0
+        for k in STOP_AFTER:
+            if streak >= k:
+                stops.setdefault(k, int(s))
     alarm_names = sorted({name for a in c["alarms"] for name in a})
     kl = [k for k in c["base_kl"] if k is not None]
     return {"gold_start": float(gold[0]), "gold_peak": float(gold[peak]),
             "gold_peak_step": int(steps[peak]), "gold_end": float(gold[-1]), "drop": float(gold[peak] - gold[-1]),
             "proxy_rise": float(proxy[-1] - proxy[0]) if proxy is not None else None,
             "fell_step": int(steps[fell[0]]) if len(fell) else None, "alarm_step": alarm, "alarms": alarm_names,
-            "sustained_step": sustained, "alarm_iterations": int(on.sum()),
+            "sustained_step": sustained, "alarm_iterations": int(on.sum()), "stops": stops,
             "base_kl_end": float(np.mean(kl[-SMOOTH:])) if kl else None,
             "held_out": (rec["evals"][0]["overall"], rec["evals"][-1]["overall"]) if rec["evals"] else None}
 
@@ -211,7 +218,8 @@ def alarm_table(data: dict[str, list[dict]], fall: float = FALL) -> str:
     sustained one, its lead over the fall, and how many iterations alarmed at all."""
     hits, window = SUSTAINED
     lines = [f"| condition | seed | gold fell 0.05 at | first alarm at | first sustained alarm ({hits} of {window}) at "
-             "| lead (iterations) | iterations alarming | alarms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| lead (iterations) | iterations alarming | stop_on_alarm stops at (stop_after 1, 5) | alarms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def at(step):
         return "none" if step is None else step
@@ -222,7 +230,8 @@ def alarm_table(data: dict[str, list[dict]], fall: float = FALL) -> str:
             ahead = lead(o)
             lines.append(f"| {cond} | {r['seed']} | {'never' if o['fell_step'] is None else o['fell_step']} "
                          f"| {at(o['alarm_step'])} | {at(o['sustained_step'])} | {'-' if ahead is None else ahead} "
-                         f"| {o['alarm_iterations']} of {len(r['curves']['step'])} | {', '.join(o['alarms']) or '-'} |")
+                         f"| {o['alarm_iterations']} of {len(r['curves']['step'])} "
+                         f"| {', '.join(str(at(o['stops'].get(k))) for k in STOP_AFTER)} | {', '.join(o['alarms']) or '-'} |")
     return "\n".join(lines)
 
 

@@ -264,7 +264,7 @@ def test_stop_on_alarm_stops_with_a_resumable_checkpoint(tiny_shapes_model, tmp_
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(tiny(tiny_shapes_model, straight, steps=3))
     summary = train(tiny(tiny_shapes_model, stopped, steps=3,
-                         extra=["run.stop_on_alarm=true", "monitor.amplification_max=1e-6"]))
+                         extra=["run.stop_on_alarm=true", "monitor.amplification_max=1e-6", "monitor.stop_after=1"]))
     assert summary["iterations"] == 1 and summary["stopped_by_alarm"]["iteration"] == 1
     assert "amplification" in summary["stopped_by_alarm"]["alarms"][0]
     assert (stopped / "checkpoints" / "ckpt-000001").is_dir()
@@ -272,6 +272,15 @@ def test_stop_on_alarm_stops_with_a_resumable_checkpoint(tiny_shapes_model, tmp_
     _same_run(straight, stopped, 3)
     rows = read_metrics(stopped / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["alarm/amplification"] == 1.0 for r in rows)
+
+
+def test_stop_on_alarm_waits_for_stop_after_consecutive_alarms(tiny_shapes_model, tmp_path):
+    summary = train(tiny(tiny_shapes_model, tmp_path, steps=3,
+                         extra=["run.stop_on_alarm=true", "monitor.amplification_max=1e-6", "monitor.stop_after=2"]))
+    assert summary["stopped_by_alarm"]["iteration"] == 2
+    assert [r["monitor/alarm_streak"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0, 2.0]
+    with pytest.raises(ConfigError, match="monitor.stop_after"):
+        tiny(tiny_shapes_model, tmp_path, extra=["monitor.stop_after=0"])
 
 
 def test_no_alarm_on_a_short_unhacked_shapes_run(tmp_path):

@@ -78,9 +78,9 @@ def test_tables_count_leads_and_false_alarms(overopt):
     text = overopt.alarm_table(data)
     fell = overopt.outcome(data["pointwise"][0])["fell_step"]
     # alarms on iterations 111.. (steps count from 1): the 5th of 10 is at 115
-    assert f"| pointwise | 0 | {fell} | 111 | 115 | {fell - 115} | 90 of 200 | drift/latent_norm |" in text
-    assert f"| pointwise | 1 | {fell} | 21 | none | - | 1 of 200 | drift/latent_norm |" in text
-    assert "| kl_1 | 0 | never | 51 | none | - | 1 of 200 | drift/latent_norm |" in text
+    assert f"| pointwise | 0 | {fell} | 111 | 115 | {fell - 115} | 90 of 200 | 111, 115 | drift/latent_norm |" in text
+    assert f"| pointwise | 1 | {fell} | 21 | none | - | 1 of 200 | 21, none | drift/latent_norm |" in text
+    assert "| kl_1 | 0 | never | 51 | none | - | 1 of 200 | 51, none | drift/latent_norm |" in text
     summary = overopt.table(data)
     assert "| pointwise | 2 |" in summary and "| kl_1 | 1 |" in summary
 

@@ -171,6 +171,7 @@ class HackingMonitor:
         self.recent: dict[str, list[float]] = {}  # the last `smooth` values of each smoothed statistic
         self.base: dict[str, list[float]] = {}  # the first iterations' values, averaged into baselines
         self.fired: set[str] = set()  # alarms that fired at least once (messages are printed once each)
+        self.streak = 0  # consecutive iterations, up to this one, on which some alarm fired
 
     # ---- the per-iteration entry point -------------------------------------------------------
     def observe(self, batch, stats: dict, iteration: int) -> list[Alarm]:
@@ -187,7 +188,13 @@ class HackingMonitor:
         for a in alarms:
             a.first = a.name not in self.fired
             self.fired.add(a.name)
+        self.streak = self.streak + 1 if alarms else 0
+        stats["monitor/alarm_streak"] = float(self.streak)
         return alarms
+
+    def should_stop(self) -> bool:
+        """run.stop_on_alarm ends the run once alarms have fired on monitor.stop_after consecutive iterations."""
+        return self.cfg.run.stop_on_alarm and self.streak >= self.cfg.monitor.stop_after
 
     def _score_gold(self, batch, stats: dict, iteration: int) -> None:
         scores = score_rewards(self.gold, batch, self.acc)
@@ -289,6 +296,7 @@ class HackingMonitor:
         state = {"steps": torch.tensor(self.steps, dtype=torch.float64),
                  "proxy": torch.tensor(self.proxy, dtype=torch.float64),
                  "gold_total": torch.tensor(self.gold_total, dtype=torch.float64),
+                 "streak": torch.tensor(self.streak, dtype=torch.int64),
                  "fired": torch.tensor([sorted(ALARM_NAMES).index(n) for n in sorted(self.fired)
                                         if n in ALARM_NAMES], dtype=torch.int64)}
         for k, v in self.base.items():
@@ -301,6 +309,7 @@ class HackingMonitor:
         self.steps = state["steps"].tolist() if "steps" in state else []
         self.proxy = state["proxy"].tolist() if "proxy" in state else []
         self.gold_total = state["gold_total"].tolist() if "gold_total" in state else []
+        self.streak = int(state["streak"]) if "streak" in state else 0
         self.fired = {sorted(ALARM_NAMES)[i] for i in state.get("fired", torch.zeros(0, dtype=torch.int64)).tolist()}
         self.base = {k[5:]: v.tolist() for k, v in state.items() if k.startswith("base.")}
         self.recent = {k[7:]: v.tolist() for k, v in state.items() if k.startswith("recent.")}

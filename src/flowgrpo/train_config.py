@@ -220,7 +220,9 @@ class RunConfig:
     # empty: the training rewards (reward.weights). Shapes prompts are always judged by the verifier.
     eval_rewards: dict[str, float] = field(default_factory=dict)
     gold_every: int = 1  # iterations between gold-reward scorings (reward.gold); a costly judge may want 5-10
-    stop_on_alarm: bool = False  # end the run (checkpoint and final weights written, resumable) when an alarm fires
+    # end the run (checkpoint and final weights written, resumable) when alarms have fired on
+    # monitor.stop_after consecutive iterations
+    stop_on_alarm: bool = False
     # end the run (evaluated, checkpointed, final weights written) once its iterations have used this many
     # CPU-minutes: the main process's CPU time in sampling, rewards and update, evaluation not counted; unlike
     # wall time it leaves out the time other processes hold the cores (0 = off)
@@ -258,6 +260,10 @@ class MonitorConfig:
     # rollouts' states, how far the policy has moved from the base (gold is read against it); 0 = off.
     # Costs 2 x images x sampler steps forwards (CFG doubles them) per gold scoring
     base_kl_images: int = 4
+    # run.stop_on_alarm waits for alarms on this many consecutive iterations: a transient drift (2-4 iterations
+    # on an anchored shapes run whose gold held) does not end a healthy run; hacked runs alarm almost every
+    # iteration, so the wait costs them 4 (docs/results/over-optimisation.md)
+    stop_after: int = 5
 
 
 @dataclass
@@ -433,6 +439,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"{cfg.run.max_cpu_minutes} and {cfg.run.eval_every_cpu_minutes}")
     if cfg.run.gold_every < 1:
         raise ConfigError(f"run.gold_every must be >= 1 (iterations between gold scorings), got {cfg.run.gold_every}")
+    if m.stop_after < 1:
+        raise ConfigError(f"monitor.stop_after must be >= 1 (consecutive alarming iterations), got {m.stop_after}")
     if m.window < 3 or m.base_iterations < 1 or m.smooth < 1:
         raise ConfigError(f"monitor.window must be >= 3 (a slope's standard error needs 3 points), "
                           f"monitor.base_iterations and monitor.smooth >= 1; got {m.window}, {m.base_iterations}, "
