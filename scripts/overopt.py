@@ -144,6 +144,26 @@ def smooth(values, window: int = SMOOTH) -> np.ndarray:
     return (c[1:] - c[np.arange(1, len(v) + 1) - n]) / n
 
 
+def gold_drop_step(rec: dict) -> int | None:
+    """Where the gold_drop alarm (monitor defaults) fires on the record's curves, recomputed so that
+    runs logged before it existed count alike; None if it never does or the proxy was not logged."""
+    from types import SimpleNamespace
+
+    from flowgrpo.config import load_config
+    from flowgrpo.monitors import HackingMonitor
+    from flowgrpo.train_config import TrainConfig
+
+    c = rec["curves"]
+    if None in c["proxy"]:
+        return None
+    mon = HackingMonitor(load_config(TrainConfig, None, []), SimpleNamespace(num_processes=1))
+    for s, p, g in zip(c["step"], c["proxy"], c["gold"]):
+        mon.proxy.append(p), mon.gold_total.append(g)
+        if mon._gold_drop({"gold/total": g}):
+            return int(s)
+    return None
+
+
 def outcome(rec: dict, fall: float = FALL) -> dict:
     """Peak of the smoothed gold curve, its end, the drop, and where it first fell `fall` below its
     running peak; the proxy's rise; the first iteration with an alarm (after the base iterations)."""
@@ -153,24 +173,27 @@ def outcome(rec: dict, fall: float = FALL) -> dict:
     proxy = smooth(c["proxy"])[full] if None not in c["proxy"] else None  # a pairwise run logged without it
     peak = int(np.argmax(gold))
     fell = np.flatnonzero(gold < np.maximum.accumulate(gold) - fall)
-    alarm = next((int(s) for s, a in zip(c["step"], c["alarms"]) if a), None)
+    # the warnings: every alarm but gold_drop, which watches gold itself (reported apart)
+    warnings = [[x for x in a if x != "gold_drop"] for a in c["alarms"]]
+    alarm = next((int(s) for s, a in zip(c["step"], warnings) if a), None)
     hits, window = SUSTAINED
-    on = np.array([bool(a) for a in c["alarms"]], dtype=float)
+    on = np.array([bool(a) for a in warnings], dtype=float)
     recent = np.convolve(on, np.ones(window))[: len(on)]  # alarming iterations among the last `window`
     sustained = next((int(s) for s, k in zip(c["step"], recent) if k >= hits), None)
     streak, stops = 0, {}  # where run.stop_on_alarm would end the run, for monitor.stop_after 1 and 5
-    for s, a in zip(c["step"], c["alarms"]):
+    for s, a in zip(c["step"], warnings):
         streak = streak + 1 if a else 0
         for k in STOP_AFTER:
             if streak >= k:
                 stops.setdefault(k, int(s))
-    alarm_names = sorted({name for a in c["alarms"] for name in a})
+    alarm_names = sorted({name for a in warnings for name in a})
     kl = [k for k in c["base_kl"] if k is not None]
     return {"gold_start": float(gold[0]), "gold_peak": float(gold[peak]),
             "gold_peak_step": int(steps[peak]), "gold_end": float(gold[-1]), "drop": float(gold[peak] - gold[-1]),
             "proxy_rise": float(proxy[-1] - proxy[0]) if proxy is not None else None,
             "fell_step": int(steps[fell[0]]) if len(fell) else None, "alarm_step": alarm, "alarms": alarm_names,
             "sustained_step": sustained, "alarm_iterations": int(on.sum()), "stops": stops,
+            "gold_drop_step": gold_drop_step(rec),
             "base_kl_end": float(np.mean(kl[-SMOOTH:])) if kl else None,
             "held_out": (rec["evals"][0]["overall"], rec["evals"][-1]["overall"]) if rec["evals"] else None}
 
@@ -218,8 +241,8 @@ def alarm_table(data: dict[str, list[dict]], fall: float = FALL) -> str:
     sustained one, its lead over the fall, and how many iterations alarmed at all."""
     hits, window = SUSTAINED
     lines = [f"| condition | seed | gold fell 0.05 at | first alarm at | first sustained alarm ({hits} of {window}) at "
-             "| lead (iterations) | iterations alarming | stop_on_alarm stops at (stop_after 1, 5) | alarms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| lead (iterations) | iterations alarming | stop_on_alarm stops at (stop_after 1, 5) | alarms "
+             "| gold_drop at |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def at(step):
         return "none" if step is None else step
@@ -231,7 +254,8 @@ def alarm_table(data: dict[str, list[dict]], fall: float = FALL) -> str:
             lines.append(f"| {cond} | {r['seed']} | {'never' if o['fell_step'] is None else o['fell_step']} "
                          f"| {at(o['alarm_step'])} | {at(o['sustained_step'])} | {'-' if ahead is None else ahead} "
                          f"| {o['alarm_iterations']} of {len(r['curves']['step'])} "
-                         f"| {', '.join(str(at(o['stops'].get(k))) for k in STOP_AFTER)} | {', '.join(o['alarms']) or '-'} |")
+                         f"| {', '.join(str(at(o['stops'].get(k))) for k in STOP_AFTER)} | {', '.join(o['alarms']) or '-'} "
+                         f"| {at(o['gold_drop_step'])} |")
     return "\n".join(lines)
 
 
@@ -242,8 +266,8 @@ def alarm_summary(data: dict[str, list[dict]], fall: float = FALL) -> str:
     the others, how many had a sustained alarm anyway (false alarms) or alarmed at all."""
     lines = ["| condition | runs | hacked (gold ends 0.05+ below its peak) | warned before the fall "
              "| median lead (iterations) | missed or late | any alarm before the fall | not hacked "
-             "| false alarms (sustained) | not hacked, any alarm |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| false alarms (sustained) | not hacked, any alarm | gold_drop: hacked runs caught, false alarms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cond, recs in data.items():
         o = [outcome(r, fall) for r in recs]
         hacked = [x for x in o if x["drop"] >= fall]
@@ -253,7 +277,9 @@ def alarm_summary(data: dict[str, list[dict]], fall: float = FALL) -> str:
         blips = sum(x["alarm_step"] is not None for x in clean)
         early = sum(x["alarm_step"] is not None and x["alarm_step"] <= x["fell_step"] for x in hacked)
         lines.append(f"| {cond} | {len(o)} | {len(hacked)} | {len(leads)} | {f'{np.median(leads):.0f}' if leads else '-'} "
-                     f"| {len(hacked) - len(leads)} | {early} | {len(clean)} | {false} | {blips} |")
+                     f"| {len(hacked) - len(leads)} | {early} | {len(clean)} | {false} | {blips} "
+                     f"| {sum(x['gold_drop_step'] is not None for x in hacked)}, "
+                     f"{sum(x['gold_drop_step'] is not None for x in clean)} |")
     return "\n".join(lines)
 
 

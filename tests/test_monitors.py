@@ -123,6 +123,43 @@ def test_divergence_fires_soon_after_gold_turns():
     assert fired and peak < fired[0] <= peak + 12, fired
 
 
+def feed(mon, check, proxy, gold) -> list[int]:
+    """Iterations at which `check` (a bound alarm method) fired on these curves, from a fresh history."""
+    mon.steps, mon.proxy, mon.gold_total = [], [], []
+    fired = []
+    for it, (p, g) in enumerate(zip(proxy, gold)):
+        mon.steps.append(it), mon.proxy.append(p), mon.gold_total.append(g)
+        if check({"reward/mean": p, "gold/total": g}):
+            fired.append(it)
+    return fired
+
+
+def test_gold_drop_catches_a_slow_hack_the_slopes_miss():
+    rng = np.random.default_rng(4)
+    n, turn = 300, 100
+    it = np.arange(n)
+    gold = np.where(it < turn, 0.7, 0.7 - 0.002 * (it - turn)) + rng.normal(0, 0.03, n)  # 0.1 lost in 50 iterations
+    proxy = 0.8 + 0.0005 * it + rng.normal(0, 0.03, n)
+    mon = monitor()
+    fired = feed(mon, mon._gold_drop, proxy, gold)
+    # the 20-iteration mean is 0.05 down about 25 + 10 iterations after the turn
+    assert fired and turn + 25 <= fired[0] <= turn + 60, fired
+    assert feed(mon, mon._divergence, proxy, gold) == []  # 12-point slopes: each too noisy to be significant
+    # the same fall shared by the proxy (a stretch of hard prompts, an anchored run's dip) is no hack
+    assert feed(mon, mon._gold_drop, proxy - 0.002 * np.clip(it - turn, 0, None), gold) == []
+
+
+def test_gold_drop_false_alarms_on_noise_are_rare():
+    rng = np.random.default_rng(5)
+    mon, checks, fired = monitor(), 0, 0
+    for _ in range(100):
+        n = 300
+        fired += len(feed(mon, mon._gold_drop, rng.normal(0.8, 0.03, n), rng.normal(0.6, 0.05, n)))
+        checks += n - 19
+    print(f"gold_drop false alarms per check on noise: {fired / checks:.5f} ({checks} checks)")
+    assert fired / checks < 1e-3
+
+
 def test_divergence_reads_the_judges_own_score_under_a_win_rate(monkeypatch, caplog):
     """A win rate's mean is 0.5 by construction: the alarm reads a weight-0 gold entry instead."""
     import flowgrpo.monitors as monitors
@@ -285,15 +322,16 @@ def test_stop_on_alarm_waits_for_stop_after_consecutive_alarms(tiny_shapes_model
 
 def test_no_alarm_on_a_short_unhacked_shapes_run(tmp_path):
     """The shipped shapes base trained on the verifier's partial credit, gold = strict accuracy:
-    an honest run, on which no alarm may fire (the divergence window shortened to see it checked)."""
+    an honest run, on which no alarm may fire (the gold windows shortened to see them checked)."""
     over = ["model.path=" + str(ROOT / "assets" / "shapes-sd3"), "sample.num_steps=4", "sample.group_size=4",
             "sample.prompts_per_step=2", "optim.timestep_fraction=0.5", "optim.steps=8", "run.eval_before=false",
             "run.tensorboard=false", "data.test=", f"run.output_dir={tmp_path}",
-            "reward.weights={shapes_partial: 1.0}", "reward.gold={shapes_strict: 1.0}", "monitor.window=4"]
+            "reward.weights={shapes_partial: 1.0}", "reward.gold={shapes_strict: 1.0}", "monitor.window=4",
+            "monitor.gold_window=4"]
     train(validate(load_config(TrainConfig, None, over)))
     rows = read_metrics(tmp_path / "metrics.jsonl")
     alarms = {k for r in rows for k in r if k.startswith("alarm/")}
-    assert {"alarm/divergence", "alarm/diversity", "alarm/amplification",
+    assert {"alarm/divergence", "alarm/gold_drop", "alarm/diversity", "alarm/amplification",
             "alarm/drift/brightness", "alarm/drift/high_freq", "alarm/drift/latent_norm"} <= alarms
     fired = {(r["step"], k) for r in rows for k in alarms if r.get(k)}
     assert not fired, fired

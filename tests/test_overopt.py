@@ -78,9 +78,11 @@ def test_tables_count_leads_and_false_alarms(overopt):
     text = overopt.alarm_table(data)
     fell = overopt.outcome(data["pointwise"][0])["fell_step"]
     # alarms on iterations 111.. (steps count from 1): the 5th of 10 is at 115
-    assert f"| pointwise | 0 | {fell} | 111 | 115 | {fell - 115} | 90 of 200 | 111, 115 | drift/latent_norm |" in text
-    assert f"| pointwise | 1 | {fell} | 21 | none | - | 1 of 200 | 21, none | drift/latent_norm |" in text
-    assert "| kl_1 | 0 | never | 51 | none | - | 1 of 200 | 51, none | drift/latent_norm |" in text
+    drop = overopt.outcome(data["pointwise"][0])["gold_drop_step"]
+    assert drop is not None and fell < drop < 200  # gold_drop (recomputed from the curves) confirms the fall
+    assert f"| pointwise | 0 | {fell} | 111 | 115 | {fell - 115} | 90 of 200 | 111, 115 | drift/latent_norm | {drop} |" in text
+    assert f"| pointwise | 1 | {fell} | 21 | none | - | 1 of 200 | 21, none | drift/latent_norm | {drop} |" in text
+    assert "| kl_1 | 0 | never | 51 | none | - | 1 of 200 | 51, none | drift/latent_norm | none |" in text
     summary = overopt.table(data)
     assert "| pointwise | 2 |" in summary and "| kl_1 | 1 |" in summary
 
@@ -108,8 +110,9 @@ def test_alarm_summary_counts_hacked_runs_warnings_and_false_alarms(overopt):
                      record(np.full(200, 0.6), alarms=alarming(200, (5, 6)), seed=1, cond="kl_1")]}
     fell = overopt.outcome(data["pointwise"][0])["fell_step"]
     text = overopt.alarm_summary(data)
-    assert f"| pointwise | 3 | 3 | 1 | {fell - 105} | 2 | 2 | 0 | 0 | 0 |" in text
-    assert "| kl_1 | 2 | 0 | 0 | - | 0 | 0 | 2 | 1 | 2 |" in text  # a dip that recovers is not hacking
+    assert f"| pointwise | 3 | 3 | 1 | {fell - 105} | 2 | 2 | 0 | 0 | 0 | 3, 0 |" in text
+    # a dip that recovers is not hacking; gold_drop fires on it (the proxy kept rising): a false alarm, counted
+    assert "| kl_1 | 2 | 0 | 0 | - | 0 | 0 | 2 | 1 | 2 | 0, 1 |" in text
 
 
 def test_protection_table_compares_with_welch_intervals(overopt):

@@ -8,6 +8,8 @@ which adds
 - `monitor/*`: the statistics the alarms watch, and `alarm/<name>` (1 when firing, else 0):
   - divergence: the optimised reward (monitor.proxy_key, reward/mean by default) rising while gold/total falls (least-squares slopes over a window,
     each in standard errors, so a noisy curve needs a long, steady trend to fire);
+  - gold_drop: gold/total's recent mean fallen below its best window while the proxy holds
+    its level (a slow hack whose slopes are too gentle for the divergence test);
   - diversity: the within-group spread of downsampled images against the base's (the first
     iterations'): a group collapsing to one picture;
   - drift/<stat>: brightness, saturation and high-frequency energy (grid artefacts, noise)
@@ -183,6 +185,7 @@ class HackingMonitor:
             return []
         alarms = []
         alarms += self._divergence(stats)
+        alarms += self._gold_drop(stats)
         alarms += self._images(batch, stats)
         alarms += self._amplification(stats)
         for a in alarms:
@@ -221,6 +224,30 @@ class HackingMonitor:
         return [Alarm("divergence", f"divergence: over the last {m.window} gold scorings {m.proxy_key} rose at "
                                     f"{t_proxy:+.1f} SE and gold/total fell at {t_gold:+.1f} SE "
                                     f"(threshold +-{m.divergence_z:g} SE)")]
+
+    def _gold_drop(self, stats: dict) -> list[Alarm]:
+        """Gold's mean over the last `gold_window` scorings is `gold_drop` (plus 2 SE) below its best
+        such window while the proxy's mean is at least what it was then: the slow hack the slope
+        test misses; a dip the proxy shares (a bad stretch of prompts) does not fire."""
+        m = self.cfg.monitor
+        w = m.gold_window
+        if not m.gold_drop or len(self.gold_total) < w or "gold/total" not in stats:
+            return []
+        gold, proxy = np.asarray(self.gold_total), np.asarray(self.proxy)
+        means = np.convolve(gold, np.ones(w) / w, mode="valid")  # means[i]: the window ending at scoring i + w - 1
+        best = int(np.argmax(means))
+        drop = float(means[best] - means[-1])
+        se = float(np.sqrt((gold[best:best + w].var(ddof=1) + gold[-w:].var(ddof=1)) / w))
+        proxy_held = proxy[-w:].mean() >= proxy[best:best + w].mean()
+        stats["monitor/gold_drop"] = drop
+        threshold = m.gold_drop + m.gold_drop_z * se  # the best window is a maximum: its noise is added, not compared
+        firing = drop > threshold and proxy_held
+        stats["alarm/gold_drop"] = float(firing)
+        if not firing:
+            return []
+        return [Alarm("gold_drop", f"gold_drop: gold/total's mean over the last {w} scorings is {drop:.3f} below its "
+                                   f"best ({means[best]:.3f}; threshold {threshold:.3f}) "
+                                   f"while {m.proxy_key} is at or above its level then")]
 
     def _smoothed(self, key: str, value: float) -> tuple[float, float | None]:
         """(mean of the last `smooth` values, the baseline or None while it is being measured):
@@ -315,4 +342,4 @@ class HackingMonitor:
         self.recent = {k[7:]: v.tolist() for k, v in state.items() if k.startswith("recent.")}
 
 
-ALARM_NAMES = ("divergence", "diversity", "amplification", *(f"drift/{s}" for s in DRIFT_STATS))
+ALARM_NAMES = ("divergence", "diversity", "amplification", *(f"drift/{s}" for s in DRIFT_STATS), "gold_drop")

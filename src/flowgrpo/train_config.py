@@ -242,7 +242,15 @@ class MonitorConfig:
     # proxy-gold divergence: least-squares slopes of the proxy (proxy_key) and gold/total over the last `window`
     # gold scorings; fires when the proxy's slope is above +divergence_z standard errors and gold's below -divergence_z
     window: int = 12
-    # the logged value the divergence alarm reads as the optimised reward: reward/mean, reward/<name>/mean, or
+    # gold drop: gold/total's mean over the last gold_window scorings this far (plus gold_drop_z standard errors
+    # of the two means' difference) below its best such window, while the proxy's mean is at least its level
+    # then; in gold/total's units, 0 = off
+    gold_drop: float = 0.05
+    # see gold_drop: the best window is the maximum of many noisy means, so its noise is added to the margin
+    # (2: no firing in 40 noise runs of 300 scorings at the shapes runs' gold noise; at 3 SE as a floor, 42%)
+    gold_drop_z: float = 2.0
+    gold_window: int = 20  # see gold_drop; 20 scorings of 64 shapes images put the noise of a mean near 0.01
+    # the logged value the divergence and gold_drop alarms read as the optimised reward: reward/mean, reward/<name>/mean, or
     # gold/<name>. A win rate's mean is 0.5 by construction, so a pairwise run logs the judge's own score as a
     # weight-0 gold reward and points this at it (docs/reward-hacking.md)
     proxy_key: str = "reward/mean"
@@ -439,6 +447,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"{cfg.run.max_cpu_minutes} and {cfg.run.eval_every_cpu_minutes}")
     if cfg.run.gold_every < 1:
         raise ConfigError(f"run.gold_every must be >= 1 (iterations between gold scorings), got {cfg.run.gold_every}")
+    if m.gold_window < 2 or m.gold_drop < 0:
+        raise ConfigError(f"monitor.gold_window must be >= 2 and monitor.gold_drop >= 0 (0: off), got "
+                          f"{m.gold_window} and {m.gold_drop}")
     if m.stop_after < 1:
         raise ConfigError(f"monitor.stop_after must be >= 1 (consecutive alarming iterations), got {m.stop_after}")
     if m.window < 3 or m.base_iterations < 1 or m.smooth < 1:
