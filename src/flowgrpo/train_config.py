@@ -270,7 +270,7 @@ class MonitorConfig:
     base_kl_images: int = 4
     # run.stop_on_alarm waits for alarms on this many consecutive iterations: a transient drift (2-4 iterations
     # on an anchored shapes run whose gold held) does not end a healthy run; hacked runs alarm almost every
-    # iteration, so the wait costs them 4 (docs/results/over-optimisation.md)
+    # iteration, so the wait costs them 4-10 (docs/results/over-optimisation.md)
     stop_after: int = 5
 
 
