@@ -6,8 +6,9 @@ which adds
 - `gold/<name>`, `gold/total`: rewards that are scored on the rollouts (every run.gold_every
   iterations) but never enter advantages: the yardstick for the optimised reward;
 - `monitor/*`: the statistics the alarms watch, and `alarm/<name>` (1 when firing, else 0):
-  - divergence: the optimised reward (monitor.proxy_key, reward/mean by default) rising while gold/total falls (least-squares slopes over a window,
-    each in standard errors, so a noisy curve needs a long, steady trend to fire);
+  - divergence: the optimised reward (monitor.proxy_key, reward/mean by default) rising while
+    gold/total falls (least-squares slopes over a window, each in standard errors, so a noisy
+    curve needs a long, steady trend to fire);
   - gold_drop: gold/total's recent mean fallen below its best window while the proxy holds
     its level (a slow hack whose slopes are too gentle for the divergence test);
   - diversity: the within-group spread of downsampled images against the base's (the first

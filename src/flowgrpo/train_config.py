@@ -250,8 +250,8 @@ class MonitorConfig:
     # (2: no firing in 40 noise runs of 300 scorings at the shapes runs' gold noise; at 3 SE as a floor, 42%)
     gold_drop_z: float = 2.0
     gold_window: int = 20  # see gold_drop; 20 scorings of 64 shapes images put the noise of a mean near 0.01
-    # the logged value the divergence and gold_drop alarms read as the optimised reward: reward/mean, reward/<name>/mean, or
-    # gold/<name>. A win rate's mean is 0.5 by construction, so a pairwise run logs the judge's own score as a
+    # the logged value the divergence and gold_drop alarms read as the optimised reward: reward/mean,
+    # reward/<name>/mean, or gold/<name>. A win rate's mean is 0.5 by construction, so a pairwise run logs the judge's own score as a
     # weight-0 gold reward and points this at it (docs/reward-hacking.md)
     proxy_key: str = "reward/mean"
     divergence_z: float = 3.0  # see window; 3 SE keeps false alarms on white noise below 1 in 1000 checks
@@ -462,8 +462,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"(a gold/<name> key needs that name in reward.gold, weight 0 keeps it out of gold/total)")
     if m.proxy_key == "reward/mean" and set(r.weights) <= WIN_RATE_REWARDS and r.gold:
         log.warning(f"reward/mean of a win-rate reward ({', '.join(r.weights)}) is 0.5 by construction, so the "
-                      "divergence alarm cannot fire: score the judge's own pointwise score as a weight-0 gold reward "
-                      "and set monitor.proxy_key=gold/<its name>", stacklevel=2)
+                    "divergence alarm cannot fire: score the judge's own pointwise score as a weight-0 gold reward "
+                    "and set monitor.proxy_key=gold/<its name>")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if (s.group_size * s.prompts_per_step) % max(1, o.optimizer_steps):

@@ -549,7 +549,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, max_iterations: in
             bar.set_postfix(post)
         if run.save_every and (it + 1) % run.save_every == 0 and it + 1 < end:
             _save(trainer, it + 1, summary)
-        if alarms and trainer.monitor.should_stop():  # every process saw the same alarms (monitors.py): all stop here
+        if trainer.monitor.should_stop():  # every process saw the same alarms (monitors.py): all stop here
             summary["stopped_by_alarm"] = {"iteration": it + 1, "alarms": [a.message for a in alarms]}
             break
         if cpu_stop:  # every process holds the main process's clock: all stop here
