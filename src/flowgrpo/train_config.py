@@ -119,7 +119,9 @@ class OptimConfig:
     # GDPO (Pref-GRPO official): re-normalise the final advantage over the gathered batch,
     # (A - mean) / (std + adv_eps) with adv_std_ddof, then clamp; groups with no signal stay 0
     adv_batch_renorm: bool = False
-    drop_zero_signal: bool = True  # skip groups whose rewards are all equal (no gradient, saves time)
+    # skip groups whose rewards are all equal: no gradient under ratio/awm; under nft they have r = 0.5,
+    # a pull toward the old policy that DiffusionNFT keeps (false) and that holds the shapes six-tag run steady
+    drop_zero_signal: bool = True
     # The training objective (docs/objectives.md). ratio: Flow-GRPO, the clipped ratio of the SDE
     # steps' Gaussian log-probs. awm: Advantage Weighted Matching (arXiv 2509.25050), the same
     # clipped loss with the flow-matching loss of the final sample as log-prob surrogate: it
