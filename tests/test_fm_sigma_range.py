@@ -42,14 +42,14 @@ def test_bad_range_names_the_key(bad):
 
 
 def test_every_shapes_config_validates():
-    """Configs people run by name (make demo, the one-hour run, the old Fast demo) must load."""
+    """Configs people run by name (make demo, the six-tag recipe, the one-hour run, the Fast demo) must load."""
     from pathlib import Path
 
     from flowgrpo.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     names = sorted(p.name for p in (root / "configs").glob("*.yaml"))
-    assert {"demo.yaml", "shapes_hour.yaml", "shapes_fast.yaml"} <= set(names)
+    assert {"shapes_six.yaml", "demo.yaml", "shapes_hour.yaml", "shapes_fast.yaml"} <= set(names)
     from flowgrpo.worlds.shapes.distill import DistillConfig
     from flowgrpo.worlds.shapes.pretrain import PretrainConfig
 
