@@ -164,6 +164,28 @@ def test_rollout_noise_trains_on_each_images_own_pair(tiny_shapes_model, tmp_pat
         validate(load_config(TrainConfig, None, ["optim.policy_loss=nft", "sample.kind=ode", "optim.fm_noise=own"]))
 
 
+def test_group_noise_shares_level_and_noise_within_each_group(tiny_shapes_model, tmp_path):
+    """optim.fm_group_noise with drawn noise levels (fm_timesteps a number, in fm_sigma_range):
+    at each draw every image of a group gets its group's level and noise, so the group's
+    advantage-weighted sum compares its images at one x_t-noise; groups draw apart."""
+    extra = EXTRA["nft"] + ["optim.fm_timesteps=2", "optim.fm_sigma_range=[0.8,1.0]", "optim.fm_group_noise=true"]
+    trainer = Trainer(make_cfg(tiny_shapes_model, tmp_path, extra=extra))
+    batch = trainer.sample(0)
+    trainer.score(batch)
+    trainer.objective.prepare(batch, 0)
+    idx, groups = torch.arange(len(batch.latents)), batch.group_ids
+    assert len(trainer.objective.draws) == 2 and len(set(groups.tolist())) > 1
+    for k in range(2):
+        _, sig, eps, _ = trainer.objective.inputs(idx, k)
+        assert ((sig >= 0.8) & (sig <= 1.0)).all()
+        for g in set(groups.tolist()):
+            members = (groups == g).nonzero().flatten()
+            assert torch.equal(sig[members], sig[members[:1]].expand(len(members)))
+            assert torch.equal(eps[members], eps[members[:1]].expand_as(eps[members]))
+        first, other = (groups == groups[0]).nonzero()[0], (groups != groups[0]).nonzero()[0]
+        assert not torch.equal(eps[first], eps[other])
+
+
 # ---- reward-filtered ------------------------------------------------------------------------
 def test_reward_filtered_selection():
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0,  # a tie for best: the lower index wins

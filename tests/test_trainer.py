@@ -248,13 +248,18 @@ def test_learning_rate_schedules_and_their_resume(tiny_shapes_model, tmp_path):
     from flowgrpo.config import ConfigError
     from flowgrpo.schedules import lr_factor
 
-    o = SimpleNamespace(steps=10, lr_warmup=2, lr_schedule="cosine", lr_min_ratio=0.1)
+    o = SimpleNamespace(steps=10, lr_warmup=2, lr_schedule="cosine", lr_min_ratio=0.1, lr_decay_steps=0)
     f = [lr_factor(o, i) for i in range(10)]
     assert f[:3] == [0.5, 1.0, 1.0] and f[-1] > 0.1 and all(a >= b for a, b in zip(f[2:], f[3:]))
     assert lr_factor(SimpleNamespace(**{**vars(o), "lr_schedule": "linear"}), 6) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(SimpleNamespace(**{**vars(o), "lr_schedule": "constant"}), 9) == 1.0
+    # warmup-stable-decay: constant until the last 4 iterations, which decay linearly to the floor
+    wsd = SimpleNamespace(**{**vars(o), "lr_schedule": "linear", "lr_decay_steps": 4})
+    assert [lr_factor(wsd, i) for i in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.775, 0.55, 0.325])
     with pytest.raises(ConfigError, match="lr_schedule"):
         make_cfg(tiny_shapes_model, tmp_path, extra=["optim.lr_schedule=step"])
+    with pytest.raises(ConfigError, match="optim.lr_decay_steps"):
+        make_cfg(tiny_shapes_model, tmp_path, steps=4, extra=["optim.lr_schedule=linear", "optim.lr_decay_steps=5"])
     # the trainer uses it, and a resumed run continues the schedule exactly
     extra = ["optim.lr_schedule=cosine", "optim.lr_warmup=1", "optim.lr_min_ratio=0.0"]
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -10,12 +10,18 @@ import torch
 
 def lr_factor(o, iteration: int) -> float:
     """The learning rate of `iteration` (0-based) as a share of optim.lr: linear warm-up over
-    lr_warmup iterations, then constant, or cosine / linear decay to lr_min_ratio at optim.steps."""
+    lr_warmup iterations, then constant, or cosine / linear decay to lr_min_ratio at optim.steps
+    (over the last lr_decay_steps iterations when that is > 0)."""
     if iteration < o.lr_warmup:
         return (iteration + 1) / o.lr_warmup
     if o.lr_schedule == "constant":
         return 1.0
-    progress = min(1.0, (iteration - o.lr_warmup) / max(1, o.steps - o.lr_warmup))
+    # lr_decay_steps > 0: constant until the last lr_decay_steps iterations, which decay
+    # (warmup-stable-decay: the anneal that lowers the update noise at the end, not all along)
+    start = o.steps - o.lr_decay_steps if o.lr_decay_steps > 0 else o.lr_warmup
+    if iteration < start:
+        return 1.0
+    progress = min(1.0, (iteration - start) / max(1, o.steps - start))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.lr_schedule == "cosine" else 1.0 - progress
     return o.lr_min_ratio + (1.0 - o.lr_min_ratio) * shape
 

@@ -104,6 +104,7 @@ class OptimConfig:
     lr_schedule: str = "constant"  # constant (the references) | cosine | linear decay to lr * lr_min_ratio at optim.steps
     lr_warmup: int = 0  # iterations of linear warm-up from 0 before the schedule
     lr_min_ratio: float = 0.0  # where cosine / linear decay ends, as a share of lr
+    lr_decay_steps: int = 0  # > 0: cosine / linear decay only over the last this many iterations (0: after warm-up)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas of the reference
     weight_decay: float = 1e-4  # the reference value; small, LoRA weights start at 0 anyway
     max_grad_norm: float = 1.0  # clip the gradient norm: a few huge advantages must not blow up a step
@@ -174,7 +175,7 @@ class OptimConfig:
     # trunc_steps + 1: 5 GenEval, 7 OCR / PickScore); None = all
     fm_rollout_steps: Optional[int] = None
     timestep_count: Optional[int] = None  # forward objectives: train this many candidates instead of a fraction
-    fm_group_noise: bool = False  # forward objectives: one noise per group at each draw (DGPO use_shared_noise)
+    fm_group_noise: bool = False  # forward objectives: one noise (and drawn noise level) per group at each draw (DGPO use_shared_noise)
     # forward objectives: the eps of x_t = (1 - t) x0 + t eps. fresh: a new draw per image and update
     # (DiffusionNFT); rollout: the image's own initial noise, so an ODE rollout's (noise, image) pair
     # is kept and the update says which image this noise should become (a reward-weighted reflow)
@@ -387,9 +388,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if o.fm_noise == "rollout" and (not forward or o.fm_group_noise):
         raise ConfigError("optim.fm_noise rollout trains forward objectives (nft, dgpo, reward_filtered, supervised) "
                           f"at each image's own initial noise: not {o.policy_loss}, and not with optim.fm_group_noise")
-    if o.fm_group_noise and o.fm_timesteps != "rollout":
-        raise ConfigError("optim.fm_group_noise shares each draw within a group at the sampler's own noise levels: "
-                          "it needs optim.fm_timesteps rollout")
     if o.dgpo_beta <= 0 or o.dgpo_ref not in ("base", "old"):
         raise ConfigError(f"optim.dgpo_beta must be > 0 and optim.dgpo_ref base or old, got {o.dgpo_beta}, "
                           f"{o.dgpo_ref!r}")
@@ -414,6 +412,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.fm_timesteps must be 'rollout' or a count >= 1, got {o.fm_timesteps!r}")
     if o.lr_schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optim.lr_schedule must be constant, cosine or linear, got {o.lr_schedule!r}")
+    if not 0 <= o.lr_decay_steps <= o.steps - o.lr_warmup:
+        raise ConfigError(f"optim.lr_decay_steps must be in [0, optim.steps - optim.lr_warmup] = "
+                          f"[0, {o.steps - o.lr_warmup}], got {o.lr_decay_steps}")
     if o.lr_warmup < 0 or not 0.0 <= o.lr_min_ratio <= 1.0:
         raise ConfigError(f"optim.lr_warmup must be >= 0 and optim.lr_min_ratio in [0, 1], got {o.lr_warmup}, "
                           f"{o.lr_min_ratio}")
