@@ -180,6 +180,29 @@ def test_balanced_tags_draw_every_tag_equally(tiny_shapes_model, tmp_path):
     assert trainer.draw_prompts(7) == trainer.draw_prompts(7)  # a function of (seed, iteration): resumable
 
 
+def test_tag_weights_set_the_share_of_each_tag(tiny_shapes_model, tmp_path):
+    from collections import Counter
+
+    from flowgrpo.config import ConfigError
+    from flowgrpo.trainer import Trainer
+
+    weights = "data.tag_weights={colors: 3.0, position: 0.0}"  # the other four weigh 1: shares 3/7, 0, 1/7 each
+    cfg = make_cfg(tiny_shapes_model, tmp_path, extra=["data.balance_tags=true", "sample.prompts_per_step=8", weights])
+    trainer = Trainer(cfg)
+    tags = Counter(item["metadata"]["tag"] for it in range(150) for item in trainer.draw_prompts(it))
+    total = sum(tags.values())
+    assert "position" not in tags and len(tags) == 5
+    assert abs(tags["colors"] / total - 3 / 7) < 0.05
+    assert all(abs(tags[t] / total - 1 / 7) < 0.04 for t in tags if t != "colors")
+    assert trainer.draw_prompts(7) == trainer.draw_prompts(7)
+    with pytest.raises(ConfigError, match="data.balance_tags"):
+        make_cfg(tiny_shapes_model, tmp_path, extra=[weights])
+    with pytest.raises(ConfigError, match="data.tag_weights must be >= 0"):
+        make_cfg(tiny_shapes_model, tmp_path, extra=["data.balance_tags=true", "data.tag_weights={colors: -1.0}"])
+    with pytest.raises(ConfigError, match="no training prompt: \\['colour'\\]"):
+        Trainer(make_cfg(tiny_shapes_model, tmp_path, extra=["data.balance_tags=true", "data.tag_weights={colour: 2.0}"]))
+
+
 def test_gradient_agreement_script(tiny_shapes_model, tmp_path):
     """scripts/gradient_agreement.py: gradients of independent batches for fixed prompts."""
     import importlib.util

@@ -46,6 +46,9 @@ class DataConfig:
     # draw a tag uniformly, then a prompt of it: GenEval's overall is a mean over tags, so a
     # tag with 3 training prompts matters as much as one with 38
     balance_tags: bool = False
+    # with balance_tags: {tag: weight} draws tags in these proportions instead of uniformly (a tag
+    # left out weighs 1): more draws where a tag learns fast, fewer on one already at its ceiling
+    tag_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -309,6 +312,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .sampling import AFTER_WINDOW, JUDGED_IMAGES, SAMPLERS
 
     s, o, r = cfg.sample, cfg.optim, cfg.reward
+    tw = cfg.data.tag_weights
+    if tw and not cfg.data.balance_tags:
+        raise ConfigError("data.tag_weights weighs the tag draw of data.balance_tags: set data.balance_tags: true")
+    if tw and (any(not w >= 0 for w in tw.values()) or not sum(tw.values()) > 0):
+        raise ConfigError(f"data.tag_weights must be >= 0 with a positive sum, got {dict(tw)}")
     if cfg.parallel.strategy not in ("ddp", "fsdp2"):
         raise ConfigError(f"parallel.strategy must be 'ddp' or 'fsdp2', got {cfg.parallel.strategy!r}")
     if o.policy_loss not in OBJECTIVES:

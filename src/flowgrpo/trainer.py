@@ -116,6 +116,14 @@ class Trainer:
         for item in self.train_items:
             by_tag.setdefault(item["metadata"].get("tag", ""), []).append(item)
         self.items_by_tag = [by_tag[t] for t in sorted(by_tag)]  # for data.balance_tags
+        unknown = sorted(set(cfg.data.tag_weights) - set(by_tag))
+        if unknown:
+            from .config import ConfigError
+
+            raise ConfigError(f"data.tag_weights names tags with no training prompt: {unknown}; the training "
+                              f"prompts' tags are {sorted(by_tag)}")
+        self.tag_weights = torch.tensor([float(cfg.data.tag_weights.get(t, 1.0)) for t in sorted(by_tag)],
+                                        dtype=torch.float64)
         self.resolution = s.resolution or self.policy.default_resolution()
         self.negative = self.policy.encode_prompts([""]) if s.guidance != 1.0 else None
         self._cond_cache: dict[str, dict] = {}
@@ -131,7 +139,10 @@ class Trainer:
         n = self.cfg.sample.prompts_per_step
         if self.cfg.data.balance_tags:
             groups = self.items_by_tag
-            picks = torch.randint(len(groups), (n,), generator=g).tolist()
+            if self.cfg.data.tag_weights:
+                picks = torch.multinomial(self.tag_weights, n, replacement=True, generator=g).tolist()
+            else:
+                picks = torch.randint(len(groups), (n,), generator=g).tolist()
             return [groups[t][int(torch.randint(len(groups[t]), (1,), generator=g))] for t in picks]
         idx = torch.randint(len(self.train_items), (n,), generator=g)
         return [self.train_items[i] for i in idx.tolist()]
