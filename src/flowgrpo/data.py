@@ -11,6 +11,8 @@ import csv
 import json
 from pathlib import Path
 
+import torch
+
 
 class PromptFileError(ValueError):
     """An unreadable or malformed prompt file."""
@@ -76,3 +78,29 @@ def _load_file(path: Path) -> list[dict]:
     if not items:
         raise PromptFileError(f"prompt file {str(path)!r} holds no prompts")
     return items
+
+
+class TagDraw:
+    """data.balance_tags: draw a tag (uniformly, or in data.tag_weights' proportions, a tag left
+    out weighing 1), then one of its prompts, from a torch generator."""
+
+    def __init__(self, items: list[dict], weights: dict[str, float]):
+        by_tag: dict[str, list[dict]] = {}
+        for item in items:
+            by_tag.setdefault(item["metadata"].get("tag", ""), []).append(item)
+        unknown = sorted(set(weights) - set(by_tag))
+        if unknown:
+            from .config import ConfigError
+
+            raise ConfigError(f"data.tag_weights names tags with no training prompt: {unknown}; the training "
+                              f"prompts' tags are {sorted(by_tag)}")
+        self.groups = [by_tag[t] for t in sorted(by_tag)]
+        self.weights = (torch.tensor([float(weights.get(t, 1.0)) for t in sorted(by_tag)], dtype=torch.float64)
+                        if weights else None)
+
+    def __call__(self, n: int, g: torch.Generator) -> list[dict]:
+        if self.weights is not None:
+            picks = torch.multinomial(self.weights, n, replacement=True, generator=g).tolist()
+        else:
+            picks = torch.randint(len(self.groups), (n,), generator=g).tolist()
+        return [self.groups[t][int(torch.randint(len(self.groups[t]), (1,), generator=g))] for t in picks]

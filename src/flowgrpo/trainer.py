@@ -26,7 +26,7 @@ import torch
 
 from .algorithms import EMA, group_advantages, mix_advantages
 from .algorithms.objectives import CHECKPOINT_NAME, Services, derived_generator, objective_class
-from .data import load_prompts
+from .data import TagDraw, load_prompts
 from .eval.held_out import is_shapes
 from .models import index_condition, load_policy
 from .models.sd3 import LoraSpec
@@ -112,18 +112,7 @@ class Trainer:
         self.reward_pipeline = RewardPipeline(self.rewards, overlap=cfg.reward.overlap)
         self.train_items = load_prompts(cfg.data.train, list(cfg.data.train_tags))
         self.test_items = load_prompts(cfg.data.test, list(cfg.data.test_tags)) if cfg.data.test else []
-        by_tag: dict[str, list[dict]] = {}
-        for item in self.train_items:
-            by_tag.setdefault(item["metadata"].get("tag", ""), []).append(item)
-        self.items_by_tag = [by_tag[t] for t in sorted(by_tag)]  # for data.balance_tags
-        unknown = sorted(set(cfg.data.tag_weights) - set(by_tag))
-        if unknown:
-            from .config import ConfigError
-
-            raise ConfigError(f"data.tag_weights names tags with no training prompt: {unknown}; the training "
-                              f"prompts' tags are {sorted(by_tag)}")
-        self.tag_weights = torch.tensor([float(cfg.data.tag_weights.get(t, 1.0)) for t in sorted(by_tag)],
-                                        dtype=torch.float64)
+        self.tag_draw = TagDraw(self.train_items, dict(cfg.data.tag_weights))  # for data.balance_tags
         self.resolution = s.resolution or self.policy.default_resolution()
         self.negative = self.policy.encode_prompts([""]) if s.guidance != 1.0 else None
         self._cond_cache: dict[str, dict] = {}
@@ -138,12 +127,7 @@ class Trainer:
         g = derived_generator(self.cfg.run.seed, iteration, 1)
         n = self.cfg.sample.prompts_per_step
         if self.cfg.data.balance_tags:
-            groups = self.items_by_tag
-            if self.cfg.data.tag_weights:
-                picks = torch.multinomial(self.tag_weights, n, replacement=True, generator=g).tolist()
-            else:
-                picks = torch.randint(len(groups), (n,), generator=g).tolist()
-            return [groups[t][int(torch.randint(len(groups[t]), (1,), generator=g))] for t in picks]
+            return self.tag_draw(n, g)
         idx = torch.randint(len(self.train_items), (n,), generator=g)
         return [self.train_items[i] for i in idx.tolist()]
 
