@@ -92,13 +92,39 @@ def test_continuation_on_cell_layouts_keeps_the_text_encoders(tiny_shapes_model,
     arch = asdict(tiny_arch())
     overrides = [f"out={tmp_path / 'model'}", f"work_dir={tmp_path / 'work'}", f"init_from={tiny_shapes_model}",
                  "dit_steps=4", "dit_batch=8", "dit_warmup=1", "checkpoint_every=4", "eval_every=0", "threads=1",
-                 "render_cells=true", "render_gap=4", "train_text_encoders=false"] + [f"arch.{k}={v}" for k, v in arch.items()]
+                 "render_cells=true", "render_gap=4", "train_text_encoders=false",
+                 "tag_weights={position: 3.0}", "t_logit_mean=1.0"] + [f"arch.{k}={v}" for k, v in arch.items()]
     out = Path(pretrain(load_config(PretrainConfig, None, overrides)))
     for part in ("text_encoder", "text_encoder_2", "vae", "transformer"):
         ours = load_file(next((out / part).glob("*.safetensors")))
         theirs = load_file(next((Path(tiny_shapes_model) / part).glob("*.safetensors")))
         same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
         assert same == (part != "transformer"), part
+
+
+def test_pretraining_tag_weights_set_the_share_of_scenes():
+    import collections
+
+    import pytest
+
+    from flowgrpo.worlds.shapes.grammar import split_records
+    from flowgrpo.worlds.shapes.pretrain import _tag_balanced_prompts
+
+    train = split_records()["train"]
+    drawn = _tag_balanced_prompts(np.random.default_rng(0), 7000, train, {"position": 3.0, "colors": 0.0})
+    share = {t: c / 7000 for t, c in collections.Counter(r["tag"] for r in drawn).items()}
+    assert "colors" not in share and abs(share["position"] - 3 / 7) < 0.02
+    assert all(abs(share[t] - 1 / 7) < 0.015 for t in ("counting", "single_object", "two_object", "color_attr"))
+    # without weights the draw is the uniform one the shipped folders were made with, draw for draw
+    rng, ref = np.random.default_rng(1), np.random.default_rng(1)
+    by_tag = {t: [r for r in train if r["tag"] == t] for t in sorted({r["tag"] for r in train})}
+    tags = sorted(by_tag)
+    expected = [by_tag[tags[i]][ref.integers(len(by_tag[tags[i]]))] for i in ref.integers(len(tags), size=50)]
+    assert _tag_balanced_prompts(rng, 50, train, {}) == expected
+    with pytest.raises(ValueError, match="unknown: \\['colour'\\]"):
+        _tag_balanced_prompts(rng, 1, train, {"colour": 2.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        _tag_balanced_prompts(rng, 1, train, {"position": -1.0})
 
 
 def _cli(*args):
