@@ -283,6 +283,8 @@ def test_learning_rate_schedules_and_their_resume(tiny_shapes_model, tmp_path):
         make_cfg(tiny_shapes_model, tmp_path, extra=["optim.lr_schedule=step"])
     with pytest.raises(ConfigError, match="optim.lr_decay_steps"):
         make_cfg(tiny_shapes_model, tmp_path, steps=4, extra=["optim.lr_schedule=linear", "optim.lr_decay_steps=5"])
+    with pytest.raises(ConfigError, match="no decay to shape under optim.lr_schedule constant"):
+        make_cfg(tiny_shapes_model, tmp_path, steps=4, extra=["optim.lr_decay_steps=2"])
     # the trainer uses it, and a resumed run continues the schedule exactly
     extra = ["optim.lr_schedule=cosine", "optim.lr_warmup=1", "optim.lr_min_ratio=0.0"]
     straight, split = tmp_path / "straight", tmp_path / "split"

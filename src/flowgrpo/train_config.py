@@ -423,6 +423,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 0 <= o.lr_decay_steps <= o.steps - o.lr_warmup:
         raise ConfigError(f"optim.lr_decay_steps must be in [0, optim.steps - optim.lr_warmup] = "
                           f"[0, {o.steps - o.lr_warmup}], got {o.lr_decay_steps}")
+    if o.lr_decay_steps and o.lr_schedule == "constant":
+        raise ConfigError(f"optim.lr_decay_steps={o.lr_decay_steps} has no decay to shape under optim.lr_schedule "
+                          "constant; set optim.lr_schedule to linear or cosine, or lr_decay_steps to 0")
     if o.lr_warmup < 0 or not 0.0 <= o.lr_min_ratio <= 1.0:
         raise ConfigError(f"optim.lr_warmup must be >= 0 and optim.lr_min_ratio in [0, 1], got {o.lr_warmup}, "
                           f"{o.lr_min_ratio}")
