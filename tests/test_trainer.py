@@ -201,6 +201,11 @@ def test_tag_weights_set_the_share_of_each_tag(tiny_shapes_model, tmp_path):
         make_cfg(tiny_shapes_model, tmp_path, extra=["data.balance_tags=true", "data.tag_weights={colors: -1.0}"])
     with pytest.raises(ConfigError, match="no training prompt: \\['colour'\\]"):
         Trainer(make_cfg(tiny_shapes_model, tmp_path, extra=["data.balance_tags=true", "data.tag_weights={colour: 2.0}"]))
+    # one tag weighed 0 leaves the others at 1; all of them at 0 leaves nothing to draw
+    Trainer(make_cfg(tiny_shapes_model, tmp_path, extra=["data.balance_tags=true", "data.tag_weights={position: 0.0}"]))
+    zeros = "{" + ", ".join(f"{t}: 0.0" for t in sorted(set(tags) | {"position"})) + "}"
+    with pytest.raises(ConfigError, match="weigh every training tag 0"):
+        Trainer(make_cfg(tiny_shapes_model, tmp_path, extra=["data.balance_tags=true", f"data.tag_weights={zeros}"]))
 
 
 def test_gradient_agreement_script(tiny_shapes_model, tmp_path):

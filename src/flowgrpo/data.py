@@ -97,6 +97,11 @@ class TagDraw:
         self.groups = [by_tag[t] for t in sorted(by_tag)]
         self.weights = (torch.tensor([float(weights.get(t, 1.0)) for t in sorted(by_tag)], dtype=torch.float64)
                         if weights else None)
+        if self.weights is not None and not self.weights.sum() > 0:
+            from .config import ConfigError
+
+            raise ConfigError(f"data.tag_weights {dict(weights)} weigh every training tag 0 (a tag left out weighs 1); "
+                              "give at least one tag a positive weight")
 
     def __call__(self, n: int, g: torch.Generator) -> list[dict]:
         if self.weights is not None:

@@ -315,8 +315,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     tw = cfg.data.tag_weights
     if tw and not cfg.data.balance_tags:
         raise ConfigError("data.tag_weights weighs the tag draw of data.balance_tags: set data.balance_tags: true")
-    if tw and (any(not w >= 0 for w in tw.values()) or not sum(tw.values()) > 0):
-        raise ConfigError(f"data.tag_weights must be >= 0 with a positive sum, got {dict(tw)}")
+    if tw and any(not w >= 0 for w in tw.values()):
+        raise ConfigError(f"data.tag_weights must be >= 0 (a tag left out weighs 1), got {dict(tw)}")
     if cfg.parallel.strategy not in ("ddp", "fsdp2"):
         raise ConfigError(f"parallel.strategy must be 'ddp' or 'fsdp2', got {cfg.parallel.strategy!r}")
     if o.policy_loss not in OBJECTIVES:
