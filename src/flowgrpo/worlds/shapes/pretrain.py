@@ -61,12 +61,12 @@ class PretrainConfig:
     # draws, so students and earlier assets keep sharing the teacher's encoders).
     train_text_encoders: bool = True
     # {tag: weight} for the transformer's scenes (default weight 1 each; empty: every tag alike), e.g.
-    # more position scenes for a model whose encoders have not told "left of" from "right of"
+    # more scenes of a tag the model draws badly
     tag_weights: dict[str, float] = field(default_factory=dict)
     # t = sigmoid(N(mean, std)): SD3's logit-normal at (0, 1) gives noise levels above 0.8 only 8% of the
     # steps, yet a layout (where each object goes) is chosen there; a positive mean trains the layout more
-    t_logit_mean: float = 0.0
-    t_logit_std: float = 1.0
+    t_logit_mean: float = 0.0  # (1.0: 35% of the steps above sigma 0.8)
+    t_logit_std: float = 1.0  # SD3's; wider spreads the steps toward both ends
 
 
 def _tag_balanced_prompts(rng: np.random.Generator, n: int, records: list[dict],
