@@ -85,21 +85,19 @@ class TagDraw:
     out weighing 1), then one of its prompts, from a torch generator."""
 
     def __init__(self, items: list[dict], weights: dict[str, float]):
+        from .config import ConfigError
+
         by_tag: dict[str, list[dict]] = {}
         for item in items:
             by_tag.setdefault(item["metadata"].get("tag", ""), []).append(item)
         unknown = sorted(set(weights) - set(by_tag))
         if unknown:
-            from .config import ConfigError
-
             raise ConfigError(f"data.tag_weights names tags with no training prompt: {unknown}; the training "
                               f"prompts' tags are {sorted(by_tag)}")
         self.groups = [by_tag[t] for t in sorted(by_tag)]
         self.weights = (torch.tensor([float(weights.get(t, 1.0)) for t in sorted(by_tag)], dtype=torch.float64)
                         if weights else None)
         if self.weights is not None and not self.weights.sum() > 0:
-            from .config import ConfigError
-
             raise ConfigError(f"data.tag_weights {dict(weights)} weigh every training tag 0 (a tag left out weighs 1); "
                               "give at least one tag a positive weight")
 

@@ -78,10 +78,10 @@ def _tag_balanced_prompts(rng: np.random.Generator, n: int, records: list[dict],
     tags = sorted(by_tag)
     if tag_weights:
         unknown = sorted(set(tag_weights) - set(tags))
-        if unknown or any(w < 0 for w in tag_weights.values()):
-            raise ValueError(f"tag_weights {dict(tag_weights)}: weights must be >= 0 and tags among {tags}"
-                             + (f" (unknown: {unknown})" if unknown else ""))
         p = np.array([float(tag_weights.get(t, 1.0)) for t in tags])
+        if unknown or any(w < 0 for w in tag_weights.values()) or not p.sum() > 0:
+            raise ValueError(f"tag_weights {dict(tag_weights)}: weights must be >= 0, not all 0, and tags among {tags}"
+                             + (f" (unknown: {unknown})" if unknown else ""))
         drawn = rng.choice(len(tags), size=n, p=p / p.sum())
     else:
         drawn = rng.integers(len(tags), size=n)
