@@ -73,7 +73,8 @@ def test_distillation_regresses_on_the_guided_teacher_and_resumes_exactly(tiny_s
     # a plain diffusers folder; CFG-free is its default because the guidance is baked in
     pipe = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
     assert json.loads((out / "flowgrpo_defaults.json").read_text())["guidance"] == 1.0
-    assert json.loads((out / "distillation.json").read_text())["color_noise"] == 0.5
+    recorded = json.loads((out / "distillation.json").read_text())
+    assert recorded["color_noise"] == 0.5 and recorded["render_centred_relations"] is False
     teacher = StableDiffusion3Pipeline.from_pretrained(tiny_shapes_model, text_encoder_3=None, tokenizer_3=None)
     moved = [not torch.equal(p, q) for p, q in zip(pipe.transformer.parameters(), teacher.transformer.parameters())]
     assert any(moved)

@@ -92,7 +92,7 @@ def test_continuation_on_cell_layouts_keeps_the_text_encoders(tiny_shapes_model,
     arch = asdict(tiny_arch())
     overrides = [f"out={tmp_path / 'model'}", f"work_dir={tmp_path / 'work'}", f"init_from={tiny_shapes_model}",
                  "dit_steps=4", "dit_batch=8", "dit_warmup=1", "checkpoint_every=4", "eval_every=0", "threads=1",
-                 "render_cells=true", "render_gap=4", "train_text_encoders=false",
+                 "render_cells=true", "render_gap=4", "render_centred_relations=true", "train_text_encoders=false",
                  "tag_weights={position: 3.0}", "t_logit_mean=1.0"] + [f"arch.{k}={v}" for k, v in arch.items()]
     out = Path(pretrain(load_config(PretrainConfig, None, overrides)))
     for part in ("text_encoder", "text_encoder_2", "vae", "transformer"):

@@ -86,6 +86,27 @@ def test_wider_gaps_and_cell_layouts_keep_objects_apart_and_verifiable(gap, cell
             assert len(quarters) == len(boxes) and all((b[2] <= 16) == (b[0] < 16) for b in boxes)
         assert score(render_layout(objects), r).strict
 
+
+def test_centred_relations_put_the_pair_where_the_relation_says():
+    rng = np.random.default_rng(2)
+    position = [r for r in all_records() if r["tag"] == "position"]
+    for r in position * 20:
+        (ref_cls, _, ref), (obj_cls, _, obj) = sample_layout(r, rng, gap=4, cells=True, centred_relations=True)
+        assert (ref_cls, obj_cls) == (r["include"][0]["class"], r["include"][1]["class"])
+        rel = r["include"][1]["position"][0]
+        along, across = (0, 1) if rel in ("left of", "right of") else (1, 0)
+        obj_first = rel in ("left of", "above")
+        # each object in its own half along the relation's axis, both centred across it to within a pixel
+        assert (obj[along + 2] <= 16 <= ref[along]) if obj_first else (ref[along + 2] <= 16 <= obj[along])
+        for box in (ref, obj):
+            assert abs((box[across] + box[across + 2]) - 32) <= 3, (r["prompt"], box)
+        assert relative_position(obj, ref) == {rel}
+        assert score(render_layout([(ref_cls, "red", ref), (obj_cls, "blue", obj)]), r).strict
+    # other tags keep the layout `cells` gives them, draw for draw
+    other = [r for r in all_records() if r["tag"] != "position"]
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert all(sample_layout(r, a, cells=True) == sample_layout(r, b, cells=True, centred_relations=True) for r in other)
+
 def _truth(objects, record) -> float:
     """Score a record against the renderer's own objects (ground truth, no detection)."""
     dets = [Detection(c, col, box, (box[2] - box[0]) ** 2, 1.0) for c, col, box in objects]

@@ -68,6 +68,7 @@ class DistillConfig:
     t_range: tuple[float, float] = (0.0, 1.0)  # noise levels are drawn uniformly in [lo, hi] (probes of one range)
     render_gap: int = 2  # least pixels between rendered objects; match the teacher's pretraining scenes
     render_cells: bool = False  # one object per quarter of the canvas; match the teacher's scenes
+    render_centred_relations: bool = False  # position pairs on the middle row or column; match the teacher's scenes
 
 
 def corrupt_record(record: dict, rng: np.random.Generator, color_noise: float, count_noise: float) -> dict:
@@ -162,7 +163,8 @@ def distill(cfg: DistillConfig) -> Path:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup, cfg.steps)
         recs = _tag_balanced_prompts(rng, cfg.batch, train)
         scenes = [corrupt_record(r, rng, cfg.color_noise, cfg.count_noise) for r in recs]
-        images = render_batch(scenes, int(rng.integers(2**31)), vae.config.sample_size, cfg.render_gap, cfg.render_cells)
+        images = render_batch(scenes, int(rng.integers(2**31)), vae.config.sample_size, cfg.render_gap, cfg.render_cells,
+                              cfg.render_centred_relations)
         drop = rng.random(len(recs)) < cfg.caption_dropout
         captions = ["" if d else r["prompt"] for r, d in zip(recs, drop)]
         teacher_captions = ["" if d else s["prompt"] for s, d in zip(scenes, drop)]
@@ -222,6 +224,6 @@ def write_pipeline(pipe, transformer, out: Path, cfg: DistillConfig) -> Path:
     (tmp / "distillation.json").write_text(json.dumps(
         {k: getattr(cfg, k) for k in ("teacher", "steps", "guidance", "color_noise", "count_noise", "seed",
                                       "student_init", "guided_interval", "t_range", "render_gap",
-                                      "render_cells")}, indent=1, default=list))
+                                      "render_cells", "render_centred_relations")}, indent=1, default=list))
     _atomic_dir_swap(tmp, out)
     return out

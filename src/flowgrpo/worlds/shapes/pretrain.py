@@ -57,6 +57,9 @@ class PretrainConfig:
     # leave the model room to keep neighbours apart (docs/shapes-world.md#render-options).
     render_gap: int = 2
     render_cells: bool = False  # one object per quarter of the canvas in multi-object scenes
+    # position scenes on the middle row or column, each object in the half its relation names: the
+    # relation then fixes the layout (docs/results/all-tags.md#position-a-layout-the-relation-fixes)
+    render_centred_relations: bool = False
     # False keeps the text encoders as loaded (a continuation that changes only how the model
     # draws, so students and earlier assets keep sharing the teacher's encoders).
     train_text_encoders: bool = True
@@ -250,7 +253,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         for g in opt.param_groups:
             g["lr"] = cfg.dit_lr * _lr_factor(step, cfg)
         recs = _tag_balanced_prompts(rng, cfg.dit_batch, train, cfg.tag_weights)
-        images = render_batch(recs, int(rng.integers(2**31)), arch.image_size, cfg.render_gap, cfg.render_cells)
+        images = render_batch(recs, int(rng.integers(2**31)), arch.image_size, cfg.render_gap, cfg.render_cells,
+                              cfg.render_centred_relations)
         prompts = [r["prompt"] if rng.random() >= cfg.caption_dropout else "" for r in recs]
         with torch.no_grad():
             x0 = (vae.encode(_to_tensor(images)).latent_dist.mode() - shift) * scale

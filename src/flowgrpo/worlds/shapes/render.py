@@ -51,13 +51,35 @@ def _relation_holds(rel: str, box, ref) -> bool:
     return rel in rels and len(rels) == 1
 
 
+def _centred_pair(wanted, rng: np.random.Generator, size: int, gap: int) -> list[tuple[int, int, int, int]]:
+    """Boxes for a two-object position scene on the canvas's middle row (left of / right of) or middle
+    column (above / below): the relation alone fixes where each object goes, up to a pixel or two."""
+    rel = wanted[1][2][0]  # the second object carries the position clause
+    half, margin = size // 2, max(1, gap // 2)
+    lo, hi = _SIZE_RANGE[2]
+    scale = size / 32
+    boxes = []
+    for slot in range(2):
+        s = min(int(round(rng.integers(lo, hi + 1) * scale)), half - 2 * margin)
+        along = int(rng.integers(slot * half + margin, slot * half + half - margin - s + 1))
+        across = (size - s) // 2 + int(rng.integers(-1, 2))
+        boxes.append((along, across, along + s, across + s))
+    # slot 0 is the left (or upper) half; the related object takes the slot its relation names
+    obj_slot = 0 if rel in ("left of", "above") else 1
+    ref_box, obj_box = boxes[1 - obj_slot], boxes[obj_slot]
+    if rel in ("above", "below"):
+        ref_box, obj_box = (ref_box[1], ref_box[0], ref_box[3], ref_box[2]), (obj_box[1], obj_box[0], obj_box[3], obj_box[2])
+    return [ref_box, obj_box]
+
+
 def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tries: int = 2000, gap: int = GAP,
-                  cells: bool = False):
+                  cells: bool = False, centred_relations: bool = False):
     """Objects [(class, colour, box)] satisfying the record; boxes are (x0, y0, x1, y1).
 
     `gap` is the least distance in pixels between two objects' boxes at the final resolution.
     `cells` puts each object of a multi-object scene in its own quarter of the canvas (a jittered
-    2x2 grid), so neighbours never crowd each other.
+    2x2 grid), so neighbours never crowd each other. `centred_relations` puts the pair of a position
+    scene on the middle row or column instead, each object in the half its relation names.
     """
     validate_record(record)
     wanted = []  # (class, colour or None, position clause or None)
@@ -65,6 +87,11 @@ def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tr
         for _ in range(clause.get("count", 1)):
             wanted.append((clause["class"], clause.get("color"), clause.get("position")))
     n = len(wanted)
+    if centred_relations and n == 2 and wanted[0][2] is None and wanted[1][2] is not None:
+        boxes = _centred_pair(wanted, rng, size, gap)
+        if not _relation_holds(wanted[1][2][0], boxes[1], boxes[0]):
+            raise RuntimeError(f"centred layout of {record['prompt']!r} breaks its relation at {size}px")
+        return [(cls, color or COLORS[int(rng.integers(len(COLORS)))], box) for (cls, color, _), box in zip(wanted, boxes)]
     lo, hi = _SIZE_RANGE.get(n, (5, 8))
     scale = size / 32
     for _ in range(max_tries):
@@ -119,16 +146,17 @@ def render_layout(objects, size: int = 32) -> np.ndarray:
 
 
 def render(record: dict, rng: np.random.Generator | int | None = None, size: int = 32, gap: int = GAP,
-           cells: bool = False) -> np.ndarray:
+           cells: bool = False, centred_relations: bool = False) -> np.ndarray:
     """One HxWx3 uint8 image satisfying `record`."""
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    return render_layout(sample_layout(record, rng, size, gap=gap, cells=cells), size)
+    return render_layout(sample_layout(record, rng, size, gap=gap, cells=cells, centred_relations=centred_relations), size)
 
 
-def render_batch(records: list[dict], seed: int, size: int = 32, gap: int = GAP, cells: bool = False) -> np.ndarray:
+def render_batch(records: list[dict], seed: int, size: int = 32, gap: int = GAP, cells: bool = False,
+                 centred_relations: bool = False) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.stack([render(r, rng, size, gap, cells) for r in records])
+    return np.stack([render(r, rng, size, gap, cells, centred_relations) for r in records])
 
 
 __all__ = ["PALETTE", "BACKGROUND", "CLASSES", "render", "render_batch", "sample_layout", "render_layout"]
