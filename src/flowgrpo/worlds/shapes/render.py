@@ -72,6 +72,11 @@ def _centred_pair(wanted, rng: np.random.Generator, size: int, gap: int) -> list
     return [ref_box, obj_box]
 
 
+def _coloured(wanted, boxes, rng: np.random.Generator):
+    """[(class, colour, box)]: the asked colour, or one drawn at random for an uncoloured clause."""
+    return [(cls, color or COLORS[int(rng.integers(len(COLORS)))], box) for (cls, color, _), box in zip(wanted, boxes)]
+
+
 def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tries: int = 2000, gap: int = GAP,
                   cells: bool = False, centred_relations: bool = False):
     """Objects [(class, colour, box)] satisfying the record; boxes are (x0, y0, x1, y1).
@@ -91,7 +96,7 @@ def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tr
         boxes = _centred_pair(wanted, rng, size, gap)
         if not _relation_holds(wanted[1][2][0], boxes[1], boxes[0]):
             raise RuntimeError(f"centred layout of {record['prompt']!r} breaks its relation at {size}px")
-        return [(cls, color or COLORS[int(rng.integers(len(COLORS)))], box) for (cls, color, _), box in zip(wanted, boxes)]
+        return _coloured(wanted, boxes, rng)
     lo, hi = _SIZE_RANGE.get(n, (5, 8))
     scale = size / 32
     for _ in range(max_tries):
@@ -129,11 +134,7 @@ def sample_layout(record: dict, rng: np.random.Generator, size: int = 32, max_tr
                 ok = False
                 break
         if ok:
-            objs = []
-            for (cls, color, _), box in zip(wanted, boxes):
-                color = color or COLORS[int(rng.integers(len(COLORS)))]
-                objs.append((cls, color, box))
-            return objs
+            return _coloured(wanted, boxes, rng)
     raise RuntimeError(f"could not lay out {record['prompt']!r} at {size}px")
 
 
