@@ -35,6 +35,10 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapter settings (below)
     embedding_cache: Optional[str] = None  # folder written by `flowgrpo preprocess`: no text encoders needed
     shift: Optional[float] = None  # static shift s' = k s / (1 + (k - 1) s) (Pref-GRPO FLUX: 3); None = the scheduler's
+    # gradient-free forwards (rollouts, NFT's old-policy velocities, held-out evaluation) with the LoRA
+    # folded into the weights: about 1.5x faster on a CPU, equal up to float rounding (off: the
+    # results pages' runs repeat bit for bit)
+    fold_lora: bool = False
 
 
 @dataclass

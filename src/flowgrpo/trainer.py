@@ -119,7 +119,8 @@ class Trainer:
         # rewards judging held-out prompts the shapes verifier cannot (made once, refused early if unusable)
         self.held_out_rewards = self.eval_rewards() if self.test_items and not is_shapes(self.test_items) else None
         self.objective = objective_cls(cfg, self.policy, Services(
-            list(self.named_params.values()), self.velocity, cfg.run.seed, self.resolution, self.train_items))
+            list(self.named_params.values()), self.velocity, cfg.run.seed, self.resolution, self.train_items,
+            inference=self.inference))
         self.step = 0
 
     # ---- 1-2: prompts and rollouts ------------------------------------------------------
@@ -166,7 +167,7 @@ class Trainer:
         keep_means = self.objective.keeps_step_means
         cond = self.encode(prompts)
         rewards = self.reward_pipeline.begin(gidx.numpy(), group_ids.numpy(), s.group_size)
-        with self.objective.sampling_context():  # e.g. NFT samples with its old weights
+        with self.objective.sampling_context(), self.inference():  # e.g. NFT samples with its old weights
             for start in range(0, per_proc, s.batch_size):
                 sl = slice(start, min(per_proc, start + s.batch_size))
                 ids = gidx[sl].tolist()
@@ -335,6 +336,13 @@ class Trainer:
         with self.policy.reference() if reference else contextlib.nullcontext():
             return self.policy.velocity(x, sigma, cond, neg, g, uncond_grad=o.cfg_uncond_grad)
 
+    def inference(self):
+        """The context of gradient-free forwards of the trained weights: with model.fold_lora the
+        LoRA folded into them (entered after any swap of weights, so it folds the swapped ones)."""
+        if self.cfg.model.fold_lora and self.cfg.model.lora.enabled:
+            return self.policy.folded_adapters()
+        return torch.no_grad()
+
     # ---- evaluation and saving -------------------------------------------------------------
     @contextlib.contextmanager
     def evaluation_weights(self):
@@ -422,7 +430,7 @@ def evaluate(trainer: Trainer, tag: str) -> dict:
         return {}
     per = (images_per_tag(trainer.test_items, cfg.run.eval_images_per_tag) if cfg.run.eval_images_per_tag > 0
            else cfg.run.eval_images_per_prompt)
-    with trainer.evaluation_weights():
+    with trainer.evaluation_weights(), trainer.inference():
         result = evaluate_held_out(
             trainer.policy, trainer.test_items, images_per_prompt=per,
             steps=cfg.run.eval_steps, guidance=cfg.run.eval_guidance or cfg.sample.guidance,

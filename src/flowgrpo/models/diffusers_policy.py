@@ -154,6 +154,42 @@ class DiffusersPolicy:
             raise RuntimeError("no reference model: full fine-tuning was set up without keep_reference "
                                "(set optim.kl_beta > 0 to keep one)")
 
+    @contextlib.contextmanager
+    def folded_adapters(self):
+        """Gradient-free forwards with each active LoRA folded into its layer, W + scaling B A: one
+        matmul a layer instead of three, about 1.5x faster a forward on a CPU (docs/performance.md).
+        The layers' own weight tensors are put back untouched on exit, so nothing drifts however
+        often it runs; the outputs equal the adapted model's up to float rounding. Without a LoRA,
+        with adapters switched off (the reference), or with a LoRA that cannot fold exactly (DoRA,
+        LoRA biases, weights already merged, sharded weights), the model runs as it is."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
+        foldable = bool(layers) and not any(
+            m.disable_adapters or m.merged or any(m.use_dora.values()) or any(getattr(m, "lora_bias", {}).values())
+            or type(m.get_base_layer().weight).__name__ == "DTensor" for m in layers)
+        if not foldable:
+            with torch.no_grad():
+                yield
+            return
+        kept, disabled = [], False
+        try:
+            with torch.no_grad():
+                for m in layers:
+                    active = [a for a in m.active_adapters if a in m.lora_A]
+                    if active:
+                        w = m.get_base_layer().weight
+                        kept.append((w, w.data))
+                        w.data = w.data + sum(m.get_delta_weight(a) for a in active).to(w.dtype)
+                self.transformer.disable_adapters()
+                disabled = True
+                yield
+        finally:
+            for w, data in kept:
+                w.data = data
+            if disabled:
+                self.transformer.enable_adapters()
+
     # ---- adapters ----------------------------------------------------------------------
     def load_lora(self, folder: str | Path, scale: float = 1.0) -> None:
         """Apply a saved LoRA (ours or any diffusers-format LoRA for this pipeline) for sampling.

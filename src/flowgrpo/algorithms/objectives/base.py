@@ -50,6 +50,8 @@ class Services:
     seed: int
     resolution: int  # pixels of the rollouts (renderers of supervised targets draw at this size)
     train_items: list[dict] = field(default_factory=list)  # the training prompts (checked up front)
+    # a context for gradient-free forwards of the trained model (model.fold_lora: the LoRA folded in)
+    inference: Callable[[], contextlib.AbstractContextManager] = torch.no_grad
 
 
 class Objective:

@@ -115,7 +115,7 @@ class NFTObjective(ForwardObjective):
         steps = super().prepare(batch, iteration)
         n, idx = self.cfg.optim.train_batch_size, torch.arange(len(self.x0))
         self.v_old = []
-        with torch.no_grad(), swapped_in(self.services.params, self.old):
+        with swapped_in(self.services.params, self.old), self.services.inference():
             for k in steps:
                 parts = []
                 for lo in range(0, len(idx), n):
