@@ -41,6 +41,9 @@ for path in sys.argv[1:]:
 # clipped ratio with KL to the reference and EMA weights
 CASES = {
     "lora_nft": ["optim.policy_loss=nft", "sample.kind=ode", "sample.guidance=1.0", "optim.nft_beta=0.5"],
+    # the LoRA folded into gradient-free forwards (DDP folds; FSDP2's sharded weights run unfolded)
+    "lora_nft_folded": ["optim.policy_loss=nft", "sample.kind=ode", "sample.guidance=1.0", "optim.nft_beta=0.5",
+                        "model.fold_lora=true"],
     "lora_ratio": ["optim.kl_beta=0.04", "optim.ema_decay=0.5", "optim.ema_every=1"],
     "full_nft": ["optim.policy_loss=nft", "sample.kind=ode", "sample.guidance=1.0", "model.lora.enabled=false",
                  "optim.lr=1e-4"],
