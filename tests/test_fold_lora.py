@@ -97,3 +97,26 @@ def test_a_run_with_folded_rollouts_follows_the_run_without(tiny_shapes_model, t
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # and they did move
     assert plain_summary["after"].keys() == folded_summary["after"].keys()
+
+
+def test_make_demo_trains_all_six_tags_with_folded_rollouts(tmp_path):
+    """The config the Makefile's demo target trains: six tags, balanced, folded, and it runs."""
+    import re
+    from pathlib import Path
+
+    from flowgrpo.config import load_config
+    from flowgrpo.train_config import TrainConfig, validate
+    from flowgrpo.worlds.shapes.grammar import TAGS
+
+    root = Path(__file__).resolve().parents[1]
+    makefile = (root / "Makefile").read_text()
+    demo = re.search(r"^demo:.*\n\t.*flowgrpo train (\S+)", makefile, re.M).group(1)
+    cfg = validate(load_config(TrainConfig, root / demo))
+    assert sorted(cfg.data.train_tags) == sorted(cfg.data.test_tags) == sorted(TAGS)
+    assert cfg.data.balance_tags and cfg.model.fold_lora and cfg.model.lora.enabled
+    small = validate(load_config(TrainConfig, root / demo, [
+        f"model.path={root / cfg.model.path}", "optim.steps=1", "sample.prompts_per_step=2", "sample.group_size=4",
+        "run.eval_images_per_tag=6", "run.eval_steps=2", "run.threads=1", "run.tensorboard=false",
+        f"run.output_dir={tmp_path}"]))
+    summary = train(small)
+    assert set(summary["after"]["per_tag"]) >= set(TAGS)
