@@ -36,8 +36,8 @@ class ModelConfig:
     embedding_cache: Optional[str] = None  # folder written by `flowgrpo preprocess`: no text encoders needed
     shift: Optional[float] = None  # static shift s' = k s / (1 + (k - 1) s) (Pref-GRPO FLUX: 3); None = the scheduler's
     # gradient-free forwards (rollouts, NFT's old-policy velocities, held-out evaluation) with the LoRA
-    # folded into the weights: about 1.5x faster on a CPU, equal up to float rounding (off: the
-    # results pages' runs repeat bit for bit)
+    # folded into the weights: a forward 1.5x faster on a CPU (an NFT iteration 1.2x), equal up to
+    # float rounding (off: the results pages' runs repeat bit for bit)
     fold_lora: bool = False
 
 
