@@ -1,9 +1,9 @@
 """Does the intra-op thread count change more than the rounding of a shapes-model update?
 
-    python scripts/thread_rounding.py --model assets/shapes-sd3-cells-alt
+    python scripts/thread_rounding.py --config configs/demo_six.yaml
 
-Puts the demo's LoRA (rank 32 on every attention, feed-forward and adaLN layer, B drawn small so
-that it acts) on the model's transformer, runs one forward and backward of a squared-error loss
+Puts the config's LoRA (rank, alpha and target layers; B drawn small so that it acts) on its
+model's transformer, runs one forward and backward of a squared-error loss
 on a fixed random batch with 1 and with 2 threads (and 2 threads twice), and compares the LoRA
 gradients with each other and with the same model in float64. Results:
 docs/results/demo.md#other-seeds.
@@ -16,22 +16,23 @@ import copy
 
 import torch
 
-DEMO_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
-
 
 def main() -> None:
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig
 
+    from flowgrpo.config import load_config
+    from flowgrpo.train_config import TrainConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="assets/shapes-sd3-cells-alt")
+    ap.add_argument("--config", default="configs/demo_six.yaml")
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
 
-    model = SD3Transformer2DModel.from_pretrained(args.model, subfolder="transformer")
-    model.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=DEMO_TARGETS))
+    cfg = load_config(TrainConfig, args.config)
+    lora = cfg.model.lora
+    model = SD3Transformer2DModel.from_pretrained(cfg.model.path, subfolder="transformer")
+    model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets)))
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; a trained LoRA's is not
