@@ -18,10 +18,9 @@ import torch
 
 
 def main() -> None:
-    from diffusers import SD3Transformer2DModel
-    from peft import LoraConfig
-
     from flowgrpo.config import load_config
+    from flowgrpo.models import load_policy
+    from flowgrpo.models.sd3 import LoraSpec
     from flowgrpo.train_config import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,9 +29,10 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = load_config(TrainConfig, args.config)
-    lora = cfg.model.lora
-    model = SD3Transformer2DModel.from_pretrained(cfg.model.path, subfolder="transformer")
-    model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets)))
+    policy = load_policy(cfg.model.path)
+    m = cfg.model.lora  # the trainer's own LoRA set-up: rank, alpha, init, targets
+    policy.add_lora(LoraSpec(m.rank, m.alpha, m.init, list(m.targets)))
+    model = policy.transformer
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; a trained LoRA's is not
