@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine with python3 and make:
-#   make demo   - install into .venv and run RL (DiffusionNFT) on the RL-ready shapes model, all six tags (~9.5 min on 2 CPU cores)
+#   make demo   - install into .venv and run RL (DiffusionNFT) on the RL-ready shapes model, all six tags (about 10 min on 2 CPU cores)
 #   make test   - install with the dev extras and run the test suite
 PYTHON ?= python3
 VENV := .venv
