@@ -6,7 +6,7 @@ Puts the config's LoRA (rank, alpha and target layers; B drawn small so that it 
 model's transformer, runs one forward and backward of a squared-error loss
 on a fixed random batch with 1 and with 2 threads (and 2 threads twice), and compares the LoRA
 gradients with each other and with the same model in float64. Results:
-docs/results/demo.md#other-seeds.
+docs/results/all-tags.md ("One and two threads").
 """
 
 from __future__ import annotations
